@@ -24,10 +24,14 @@ def open_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 def _quantize_closed(k: torch.Tensor, v: torch.Tensor, config: HackConfig, token_start: int):
     """Quantize whole groups of tokens k, v [B, H, C, D] starting at absolute token_start."""
-    args = dict(bits=config.bits, partition=config.partition, rounding=config.rounding, seed=config.seed)
+    args = dict(
+        bits=config.bits, partition=config.partition, rounding=config.rounding, seed=config.seed
+    )
     if config.layout == "paper":
         # K^T [B, H, D, C] grouped along head_dim per token: B operand of Q @ K^T.
-        kq = quantize_groups(k.transpose(-1, -2), -2, stream=K_STREAM, axis_offsets={3: token_start}, **args)
+        kq = quantize_groups(
+            k.transpose(-1, -2), -2, stream=K_STREAM, axis_offsets={3: token_start}, **args
+        )
         # V [B, H, C, D] grouped along tokens per channel; canonical form is channel-major.
         vq = quantize_groups(v, -2, stream=V_STREAM, axis_offsets={2: token_start}, **args)
     else:
@@ -66,7 +70,9 @@ def _check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be [batch, kv_heads, tokens, head_dim], got rank {t.dim()}")
+            raise ValueError(
+                f"{name} must be [batch, kv_heads, tokens, head_dim], got rank {t.dim()}"
+            )
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[3] == 0 or k.shape[0] == 0 or k.shape[1] == 0:

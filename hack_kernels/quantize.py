@@ -50,7 +50,9 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.mins, self.scales, self.sums))
+        return sum(
+            t.numel() * t.element_size() for t in (self.codes, self.mins, self.scales, self.sums)
+        )
 
     def unpacked_codes(self) -> torch.Tensor:
         """Integer codes [*lead, groups, partition] (padding of a short last group is 0)."""
@@ -66,7 +68,9 @@ class QuantizedTensor:
         )
 
     @staticmethod
-    def from_integer_codes(codes: torch.Tensor, dim: int, bits: int, partition: int) -> QuantizedTensor:
+    def from_integer_codes(
+        codes: torch.Tensor, dim: int, bits: int, partition: int
+    ) -> QuantizedTensor:
         """Integer codes as a quantized tensor with min 0 and scale 1 (an exact operand of
         homomorphic_matmul); used where scales are folded into the other operand."""
         dim = dim % codes.dim()
@@ -140,10 +144,10 @@ def quantize_groups(
     meta = meta_dtype_for(x.dtype)
     levels = (1 << bits) - 1
     xf = x.float()
-    if meta == torch.float16 or x.dtype == torch.float32:
-        big = xf.abs() > layout.META_MAX if meta == torch.float16 else None
-        if big is not None and bool(big.any()):
-            raise ValueError(f"input has {int(big.sum())} values beyond the float16 range")
+    if meta == torch.float16:
+        big = int((xf.abs() > layout.META_MAX).sum())
+        if big:
+            raise ValueError(f"input has {big} values beyond the float16 metadata range")
     moved = xf.movedim(dim, -1)
     n = moved.shape[-1]
     g = layout.num_groups(n, partition)

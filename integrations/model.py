@@ -56,7 +56,9 @@ def load_model(model: str | None = None, dtype: str = "float32") -> LoadedModel:
             raise ModelNotFound(f"model path {path} does not exist")
     if path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        lm = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype
+        )
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
