@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of the .proto files in proto/ (do not edit; regenerate)."""

@@ -1,0 +1,44 @@
+"""The hack-kv KV store: LMCache-style chunks in GPU, CPU and disk tiers, in-process or as a service.
+
+    store = KVStore(cpu_capacity=1 << 30, disk_dir="/var/cache/hack-kv", disk_capacity=64 << 30)
+    spec = ChunkSpec(model="llama-8b@<geometry>", chunk_tokens=256)
+    for start, end, key in spec.keys(tokens):
+        store.put(key, frame_bytes)          # a hack_transport.wire frame
+    store.lookup(spec, tokens)               # leading tokens stored
+
+StoreClient has the same methods against `hack-kv serve` (service.py).
+"""
+
+from .client import StoreClient
+from .errors import (
+    AuthError,
+    CapacityError,
+    ChunkTooLargeError,
+    CorruptChunkError,
+    DiskFullError,
+    InvalidKeyError,
+    InvalidRequestError,
+    RemoteError,
+    StoreError,
+    StoreUnavailableError,
+)
+from .keys import ChunkKey, ChunkSpec, chunk_hashes
+from .store import KVStore
+
+__all__ = [
+    "AuthError",
+    "CapacityError",
+    "ChunkKey",
+    "ChunkSpec",
+    "ChunkTooLargeError",
+    "CorruptChunkError",
+    "DiskFullError",
+    "InvalidKeyError",
+    "InvalidRequestError",
+    "KVStore",
+    "RemoteError",
+    "StoreClient",
+    "StoreError",
+    "StoreUnavailableError",
+    "chunk_hashes",
+]
