@@ -14,6 +14,8 @@ from hack_kernels import HackConfig, quantize_kv
 from hack_kernels.quantize import dequantize, quantize_groups
 from hack_kernels.triton.quantize import quantize_groups_triton, quantize_kv_triton
 
+# the interpreter evaluates both sides of where(s > 0, 1 / s, 0)
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("codes", "mins", "scales", "sums")
 

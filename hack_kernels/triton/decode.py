@@ -1,0 +1,59 @@
+"""decode_attention: split-K (FlashDecoding) HACK attention over a PagedHackCache."""
+
+from __future__ import annotations
+
+import torch
+
+from .launch import choose_splits, run_attention
+from .paged_cache import PagedHackCache
+
+
+def decode_attention(
+    q: torch.Tensor,
+    cache: PagedHackCache,
+    block_tables: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    max_pages: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query per sequence, q [B, Hq, 1, D], over the cache's slots 0..B-1.
+
+    block_tables [B, pages] int32 and seq_lens [B] int32 (tokens per sequence, the new one
+    included) default to the cache's own. max_pages (the longest sequence's closed pages) sizes
+    the split-K grid; pass it to avoid reading seq_lens back to the host.
+    """
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be [batch, q_heads, 1, head_dim], got {tuple(q.shape)}")
+    b, hq, _, d = q.shape
+    h, p = cache.kv_heads, cache.config.partition
+    if d != cache.head_dim or hq % h:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not match the cache ({h} kv heads, d={cache.head_dim})"
+        )
+    block_tables = cache.block_tables[:b] if block_tables is None else block_tables
+    seq_lens = cache.seq_lens[:b] if seq_lens is None else seq_lens
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32")
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    if max_pages is None:
+        max_pages = max((cache.num_tokens(i) - cache.config.sink_tokens) // p for i in range(b))
+    splits = num_splits or choose_splits(b, h, max_pages)
+    if out is None:
+        out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or not out.is_contiguous():  # any float dtype
+        raise ValueError(f"out must be a contiguous tensor of q's shape {tuple(q.shape)}")
+    c = cache
+    return run_attention(
+        q, out, seq_lens, block_tables, block_tables.stride(0),
+        (c.k_codes, 0, c.k_codes.stride(0), c.k_codes.stride(1), c.k_codes.stride(2)),
+        (c.k_mins, c.k_scales, c.k_sums, 0, c.k_mins.stride(0), c.k_mins.stride(1), c.k_mins.stride(2)),
+        (c.v_codes, 0, c.v_codes.stride(0), c.v_codes.stride(1), c.v_codes.stride(2)),
+        (c.v_mins, c.v_scales, c.v_sums, 0, c.v_mins.stride(0), c.v_mins.stride(1), c.v_mins.stride(2)),
+        (c.k_sink, c.v_sink, c.k_sink.stride(0), c.k_sink.stride(1), c.k_sink.stride(2)),
+        (c.k_open, c.v_open, c.k_open.stride(0), c.k_open.stride(1), c.k_open.stride(2)),
+        kv_heads=h, n_sink=c.config.sink_tokens, partition=p, bits=c.config.bits,
+        causal=False, sm_scale=sm_scale, decode=True, num_splits=splits,
+    )  # fmt: skip

@@ -1,0 +1,124 @@
+"""Launching hack_attn_kernel: stride plumbing and tuned launch parameters per shape class."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from .attention_kernel import combine_splits_kernel, hack_attn_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Launch parameters per shape class, filled by benchmarks/attention.py's sweep on the H100
+# (key: (kind, head_dim, partition)). Defaults are what a missing entry gets.
+TUNED: dict[tuple, dict] = {}
+DEFAULTS = {
+    "prefill": {"BLOCK_P": 128, "num_warps": 8, "num_stages": 2},
+    "decode": {"num_warps": 4, "num_stages": 2},
+}
+
+
+def _nonempty(t):
+    """Empty tensors may have no storage; the kernel never reads them, but needs a pointer."""
+    if isinstance(t, torch.Tensor) and t.numel() == 0:
+        return torch.zeros(1, dtype=t.dtype, device=t.device)
+    return t
+
+
+def launch_params(kind: str, head_dim: int, partition: int) -> dict:
+    if interpreting():
+        return {"BLOCK_P": 16, "num_warps": 4, "num_stages": 1} if kind == "prefill" else {}
+    return {**DEFAULTS[kind], **TUNED.get((kind, head_dim, partition), {})}
+
+
+def group_width(head_dim: int, partition: int) -> int:
+    """Elements of one D-partition that hold data (a partition wider than head_dim is one short
+    group)."""
+    return min(partition, head_dim)
+
+
+def run_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    bt_batch_stride: int,
+    k_codes: tuple,
+    k_meta: tuple,
+    v_codes: tuple,
+    v_meta: tuple,
+    sinks: tuple,
+    opens: tuple,
+    *,
+    kv_heads: int,
+    n_sink: int,
+    partition: int,
+    bits: int,
+    causal: bool,
+    sm_scale: float | None,
+    decode: bool,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """k_codes = (tensor, s_batch, s_page, s_head, s_token); k_meta = (mins, scales, sums, s_batch,
+    s_page, s_head, s_token); v_codes = (tensor, s_batch, s_page, s_head, s_channel); v_meta alike;
+    sinks / opens = (k, v, s_batch, s_head, s_token)."""
+    k_codes, k_meta, v_codes, v_meta, sinks, opens = (
+        tuple(_nonempty(t) for t in grp) for grp in (k_codes, k_meta, v_codes, v_meta, sinks, opens)
+    )
+    b, hq, m, d = q.shape
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    g = hq // kv_heads
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    interp = interpreting()
+    gw = group_width(d, partition)
+    common = dict(D=d, PART=partition, BITS=bits, GW=gw, INTERP=interp, BLOCK16=16)
+    if decode:
+        params = launch_params("decode", d, partition)
+        rows = max(16, triton.next_power_of_2(g))
+        part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        ml = torch.empty((b, hq, num_splits, 2), dtype=torch.float32, device=q.device)
+        grid = (1, b * kv_heads, num_splits)
+        o_args = (part, part.stride(0), part.stride(1), 0, part.stride(2))
+        ml_args = (ml, ml.stride(0), ml.stride(1), ml.stride(2))
+        shape = dict(GR=g, BLOCK_P=1, ROWS=rows, CAUSAL=False, SPLIT=True)
+        nhg = kv_heads
+    else:
+        params = launch_params("prefill", d, partition)
+        bp = params.get("BLOCK_P", 64)
+        grid = (triton.cdiv(m, bp), b * hq, 1)
+        o_args = (out, out.stride(0), out.stride(1), out.stride(2), 0)
+        ml_args = (out, 0, 0, 0)
+        shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp), CAUSAL=causal, SPLIT=False)
+        nhg = hq
+        num_splits = 1
+    launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
+    hack_attn_kernel[grid](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        *o_args, *ml_args,
+        seq_lens, block_tables, bt_batch_stride,
+        *k_codes, *k_meta, *v_codes, *v_meta, *sinks, *opens,
+        m, n_sink, num_splits, nhg, g, scale,
+        **common, **shape, **launch,
+    )  # fmt: skip
+    if decode:
+        combine_splits_kernel[(b * hq,)](
+            part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
+        )
+    return out
+
+
+def choose_splits(batch: int, kv_heads: int, max_pages: int, sms: int = 132) -> int:
+    """Split-K factor: enough programs for about two waves, never more splits than pages."""
+    if max_pages <= 0:
+        return 1
+    want = triton.cdiv(2 * sms, batch * kv_heads)
+    return int(max(1, min(want, max_pages, 64)))

@@ -1,0 +1,105 @@
+"""prefill_attention: quantize K and V, then attend with HACK's arithmetic (or in 16-bit)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import HackConfig
+from ..kv import QuantizedKV
+from ..reference import reference_attention
+from .launch import run_attention
+from .quantize import quantize_kv_triton
+
+MODES = ("hack", "fp16")
+
+
+def _check_q(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, q_heads, q_len, head_dim], got rank {q.dim()}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q_heads {q.shape[1]} is not a multiple of kv_heads {k.shape[1]}")
+    if q.shape[2] == 0 or q.shape[2] > k.shape[2]:
+        raise ValueError(f"q_len {q.shape[2]} must be in 1..{k.shape[2]} (the KV's tokens)")
+    if q.shape[3] not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128, got {q.shape[3]}")
+
+
+def attend_quantized(
+    q: torch.Tensor,
+    qkv: QuantizedKV,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """HACK attention of q [B, Hq, M, D] over a contiguous QuantizedKV (paper layout) with the
+    Triton kernel; queries are the last M positions. Same math as reference_attention."""
+    cfg = qkv.config
+    if cfg.layout != "paper":
+        raise ValueError("the Triton kernel implements the paper layout; use reference_attention")
+    if cfg.bits not in (2, 4):
+        raise ValueError(f"the Triton kernel supports 2- and 4-bit codes, got {cfg.bits}")
+    b, hq, m, d = q.shape
+    if out is None:
+        out = torch.empty((b, hq, m, d), dtype=out_dtype or q.dtype, device=q.device)
+    elif out.shape != q.shape:
+        raise ValueError(f"out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    kq, vq = qkv.k_q, qkv.v_q
+    p = cfg.partition
+    seq = torch.full((b,), qkv.num_tokens, dtype=torch.int32, device=q.device)
+    n_pages = qkv.num_closed // p
+    table = torch.arange(max(n_pages, 1), dtype=torch.int32, device=q.device)
+    kc, km = kq.codes, kq.mins  # [B, H, C, Gd, p/per], [B, H, C, Gd]
+    vc, vm = vq.codes, vq.mins  # [B, H, D, C/p, p/per], [B, H, D, C/p]
+    ks, ko = qkv.k_sink, qkv.k_open
+    if qkv.v_sink.stride() != ks.stride() or qkv.v_open.stride() != ko.stride():
+        raise ValueError("k and v sinks / open tokens must share strides")
+    return run_attention(
+        q, out, seq, table, 0,
+        (kc, kc.stride(0), p * kc.stride(2), kc.stride(1), kc.stride(2)),
+        (km, kq.scales, kq.sums, km.stride(0), p * km.stride(2), km.stride(1), km.stride(2)),
+        (vc, vc.stride(0), vc.stride(3), vc.stride(1), vc.stride(2)),
+        (vm, vq.scales, vq.sums, vm.stride(0), vm.stride(3), vm.stride(1), vm.stride(2)),
+        (ks, qkv.v_sink, ks.stride(0), ks.stride(1), ks.stride(2)),
+        (ko, qkv.v_open, ko.stride(0), ko.stride(1), ko.stride(2)),
+        kv_heads=qkv.kv_heads, n_sink=qkv.num_sink, partition=p, bits=cfg.bits,
+        causal=causal, sm_scale=sm_scale, decode=False,
+    )  # fmt: skip
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: HackConfig | None = None,
+    causal: bool = True,
+    mode: str = "hack",
+    sm_scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
+    validate: bool = True,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, QuantizedKV]:
+    """Attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D] plus the QuantizedKV to ship.
+
+    mode "hack": attend over the codes with HACK's arithmetic (equal to reference_attention of
+    the returned QuantizedKV). mode "fp16": attend over the 16-bit K and V with torch SDPA and
+    only store the codes (the authors' artifact). The kivi layout attends through
+    reference_attention (the PyTorch path).
+    """
+    config = config or HackConfig()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if validate:
+        _check_q(q, k)
+    qkv = quantize_kv_triton(k, v, config, validate=validate)
+    if mode == "fp16":
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=sm_scale, enable_gqa=True
+        )
+        return out.to(out_dtype or q.dtype), qkv
+    if config.layout != "paper":
+        out = reference_attention(q, qkv, causal=causal, sm_scale=sm_scale)
+        return out.to(out_dtype or q.dtype), qkv
+    return attend_quantized(q, qkv, causal, sm_scale, out_dtype, out), qkv
