@@ -1,0 +1,252 @@
+"""HACK attention on the GPU against torch SDPA (16-bit) and dequantize-then-SDPA.
+
+Run on a CUDA machine (benchmarks/device_check.sh runs it on the H100):
+    python benchmarks/attention.py --out results.json [--quick] [--commit HASH]
+
+Measures, in one run: the device's copy bandwidth (the memory ceiling), quantize-and-pack
+bandwidth, decode (paged, split-K) and prefill (causal, quantization included) for a
+Llama-8B-like model (32 q / 8 kv heads, d128) and a d64 model (32 q / 8 kv heads), with ratios
+against baselines timed in the same process. Times are medians of CUDA-graph replays
+(triton.testing.do_bench_cudagraph), so launch gaps count the same for every contender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hack_kernels import HackConfig, dequantize  # noqa: E402
+from hack_kernels.triton import launch  # noqa: E402
+from hack_kernels.triton.decode import decode_attention  # noqa: E402
+from hack_kernels.triton.paged_cache import PagedHackCache  # noqa: E402
+from hack_kernels.triton.prefill import attend_quantized, prefill_attention  # noqa: E402
+from hack_kernels.triton.quantize import quantize_kv_triton  # noqa: E402
+
+SDPA = torch.nn.functional.scaled_dot_product_attention
+MODELS = {"llama8b_d128": (32, 8, 128), "d64": (32, 8, 64)}
+
+
+def bench(fn, graph: bool = True) -> float:
+    """Median microseconds."""
+    if graph:
+        try:
+            return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - fall back to eager timing, say so
+            print(f"  (graph capture failed: {type(e).__name__}: {e}; eager timing)", flush=True)
+    return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    us = bench(lambda: y.copy_(x), graph=False)
+    return 2 * x.numel() / us / 1e6  # TB/s, bytes read + written
+
+
+def dequant_sdpa_fn(q, qkv):
+    """KIVI/KVQuant-style: materialize 16-bit K and V from the codes, then SDPA."""
+
+    def fn():
+        kc = dequantize(qkv.k_q, torch.float16).transpose(-1, -2)
+        vc = dequantize(qkv.v_q, torch.float16)
+        k = torch.cat([qkv.k_sink, kc, qkv.k_open], 2)
+        v = torch.cat([qkv.v_sink, vc, qkv.v_open], 2)
+        return SDPA(q, k, v, enable_gqa=True)
+
+    return fn
+
+
+def compressed_bytes(qkv) -> int:
+    return qkv.nbytes
+
+
+def build_cache(k, v, cfg):
+    """QuantizedKV of the whole batch (Triton), then each sequence into its paged slot."""
+    b, h, t, d = k.shape
+    qkv = quantize_kv_triton(k, v, cfg, validate=False)
+    pages = max(1, t // cfg.partition)
+    cache = PagedHackCache(cfg, b * pages, b, h, d, pages, dtype=k.dtype, device="cuda")
+    for i in range(b):
+        cache.load(i, qkv, batch_index=i)
+    return cache, qkv
+
+
+def decode_case(model, batch, ctx, cfg, rows, tune):
+    hq, hk, d = MODELS[model]
+    torch.manual_seed(batch * 131 + ctx)
+    k = torch.randn(batch, hk, ctx, d, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
+    cache, qkv = build_cache(k, v, cfg)
+    max_pages = (ctx - cfg.sink_tokens) // cfg.partition
+    key = ("decode", d, cfg.partition)
+    if tune:
+        best = None
+        for nw in (4, 8):
+            for ns in (1, 2, 3):
+                launch.TUNED[key] = {"num_warps": nw, "num_stages": ns}
+                us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
+                if best is None or us < best[0]:
+                    best = (us, dict(launch.TUNED[key]))
+        launch.TUNED[key] = best[1]
+        print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
+    t_hack = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
+    t_sdpa = bench(lambda: SDPA(q, k, v, enable_gqa=True))
+    t_deq = bench(dequant_sdpa_fn(q, qkv)) if batch * ctx <= 16 * 32768 else None
+    cb = compressed_bytes(qkv)
+    fb = 2 * k.numel() * 2
+    ops = 2 * 2 * batch * hq * ctx * d
+    row = {
+        "kind": "decode", "model": model, "batch": batch, "context": ctx,
+        "hack_us": t_hack, "sdpa_us": t_sdpa, "dequant_sdpa_us": t_deq,
+        "speedup_vs_sdpa": t_sdpa / t_hack,
+        "speedup_vs_dequant_sdpa": (t_deq / t_hack) if t_deq else None,
+        "hack_tbps_compressed": cb / t_hack / 1e6, "sdpa_tbps": fb / t_sdpa / 1e6,
+        "hack_tops": ops / t_hack / 1e6, "compressed_bytes": cb, "fp16_bytes": fb,
+    }  # fmt: skip
+    rows.append(row)
+    deq = f"{t_deq:9.1f}" if t_deq else "      n/a"
+    print(
+        f"decode {model:13s} b{batch:<3d} ctx{ctx:>7d}: hack {t_hack:9.1f} us  sdpa {t_sdpa:9.1f}"
+        f"  deq+sdpa {deq}  x{row['speedup_vs_sdpa']:.2f}  {row['hack_tbps_compressed']:.2f} TB/s"
+        f" (sdpa {row['sdpa_tbps']:.2f})",
+        flush=True,
+    )
+    torch.cuda.empty_cache()
+
+
+def prefill_case(model, s, cfg, rows, tune):
+    hq, hk, d = MODELS[model]
+    torch.manual_seed(s)
+    q = torch.randn(1, hq, s, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, hk, s, d, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    qkv = quantize_kv_triton(k, v, cfg, validate=False)
+    key = ("prefill", d, cfg.partition)
+    if tune:
+        best = None
+        for bp in (64, 128):
+            for nw in (4, 8):
+                for ns in (1, 2):
+                    launch.TUNED[key] = {"BLOCK_P": bp, "num_warps": nw, "num_stages": ns}
+                    try:
+                        us = bench(lambda: attend_quantized(q, qkv), graph=False)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                        print(
+                            f"  config {launch.TUNED[key]} failed: {type(e).__name__}", flush=True
+                        )
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, dict(launch.TUNED[key]))
+        launch.TUNED[key] = best[1]
+        print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
+
+    t_sdpa = bench(lambda: SDPA(q, k, v, is_causal=True, enable_gqa=True), graph=False)
+    t_attn = bench(lambda: attend_quantized(q, qkv), graph=False)
+    t_hack = bench(lambda: prefill_attention(q, k, v, cfg, validate=False), graph=False)
+    t_fp16 = bench(
+        lambda: prefill_attention(q, k, v, cfg, mode="fp16", validate=False), graph=False
+    )
+    t_quant = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
+    flops = 2 * 2 * hq * s * s * d / 2  # causal: half of the score matrix
+    row = {
+        "kind": "prefill", "model": model, "seq": s,
+        "sdpa_us": t_sdpa, "hack_us": t_hack, "hack_attention_only_us": t_attn,
+        "fp16_mode_us": t_fp16, "quantize_us": t_quant,
+        "speedup_hack_vs_sdpa": t_sdpa / t_hack, "speedup_fp16_mode_vs_sdpa": t_sdpa / t_fp16,
+        "hack_tops": flops / t_attn / 1e6, "sdpa_tflops": flops / t_sdpa / 1e6,
+    }  # fmt: skip
+    rows.append(row)
+    print(
+        f"prefill {model:13s} S{s:>6d}: sdpa {t_sdpa:9.1f} us  hack {t_hack:9.1f} (attn {t_attn:.1f},"
+        f" quant {t_quant:.1f})  fp16-mode {t_fp16:9.1f}  x{row['speedup_hack_vs_sdpa']:.2f}"
+        f" / x{row['speedup_fp16_mode_vs_sdpa']:.2f}  {row['hack_tops']:.0f} TOP/s",
+        flush=True,
+    )
+    torch.cuda.empty_cache()
+
+
+def quantize_case(cfg, copy_tbps, rows):
+    k = torch.randn(1, 8, 65536, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
+    qkv = quantize_kv_triton(k, v, cfg, validate=False)
+    moved = 2 * k.numel() * 2 + qkv.k_q.nbytes + qkv.v_q.nbytes
+    tbps = moved / us / 1e6
+    kk = torch.empty_like(k)
+    us_copy = bench(lambda: (kk.copy_(k), kk.copy_(v)), graph=False)
+    copy_same = 2 * 2 * k.numel() * 2 / us_copy / 1e6
+    rows.append({
+        "kind": "quantize", "tokens": 65536, "kv_heads": 8, "head_dim": 128, "us": us,
+        "tbps_read_plus_written": tbps, "copy_tbps": copy_tbps, "copy_same_tensors_tbps": copy_same,
+        "fraction_of_copy": tbps / copy_tbps,
+    })  # fmt: skip
+    print(
+        f"quantize-and-pack K+V 64K tok x 8 heads x d128: {us:.1f} us, {tbps:.2f} TB/s"
+        f" = {tbps / copy_tbps:.0%} of copy ({copy_tbps:.2f} TB/s; same-tensor copy {copy_same:.2f})",
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune-out", default=None)
+    ap.add_argument("--skip-prefill", action="store_true")
+    args = ap.parse_args()
+    cfg = HackConfig()  # 2-bit, partition 64, nearest, paper layout
+    rows: list[dict] = []
+    copy_tbps = copy_bandwidth()
+    print(f"copy bandwidth {copy_tbps:.2f} TB/s (read + written)", flush=True)
+    quantize_case(cfg, copy_tbps, rows)
+    if args.quick:
+        dec = [("llama8b_d128", 16, 32768), ("llama8b_d128", 1, 32768), ("llama8b_d128", 1, 4096)]
+        pre = [("llama8b_d128", 16384)]
+    else:
+        dec = [("llama8b_d128", 1, c) for c in (1024, 4096, 16384, 32768, 131072)]
+        dec += [("llama8b_d128", 16, c) for c in (1024, 4096, 16384, 32768)]
+        dec += [("llama8b_d128", 64, c) for c in (1024, 4096, 8192)]
+        dec += [("d64", 1, c) for c in (4096, 32768)] + [("d64", 16, c) for c in (4096, 32768)]
+        pre = [("llama8b_d128", s) for s in (4096, 16384, 32768)] + [("d64", 16384)]
+    tuned = set()
+    for model, b, c in dec:
+        d = MODELS[model][2]
+        decode_case(model, b, c, cfg, rows, tune=("decode", d) not in tuned)
+        tuned.add(("decode", d))
+    if not args.skip_prefill:
+        for model, s in pre:
+            d = MODELS[model][2]
+            prefill_case(model, s, cfg, rows, tune=("prefill", d) not in tuned)
+            tuned.add(("prefill", d))
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": args.commit,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "config": cfg.to_dict(),
+        "timing": "median of CUDA-graph replays (decode), do_bench median (prefill, quantize)",
+        "tuned": {"|".join(map(str, k)): v for k, v in launch.TUNED.items()},
+    }
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.tune_out:
+        Path(args.tune_out).write_text(json.dumps(meta["tuned"], indent=1))
+    print(f"wrote {args.out}; sm_scale {1 / math.sqrt(128):.4f}")
+
+
+if __name__ == "__main__":
+    main()
