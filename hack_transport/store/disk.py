@@ -116,6 +116,14 @@ class DiskTier:
         with self._lock:
             return key in self.index
 
+    def touch_if_present(self, key: ChunkKey) -> bool:
+        """Mark `key` recently used if it is here (memory just evicted its copy)."""
+        with self._lock:
+            if key in self.index:
+                self.index.touch(key)
+                return True
+            return False
+
     def get(self, key: ChunkKey) -> bytes | None:
         """The verified value of `key`, or None (absent, or corrupt and now dropped)."""
         with self._lock:

@@ -129,7 +129,7 @@ class KVStore:
     def _spill(self, key: ChunkKey, value: bytes) -> None:
         """Write a chunk evicted from memory to disk (unless it is there already)."""
         try:
-            if key not in self.disk:
+            if not self.disk.touch_if_present(key):
                 self.disk.put(key, value)
         except (DiskFullError, OSError) as e:
             with self._lock:
