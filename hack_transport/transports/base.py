@@ -1,0 +1,432 @@
+"""One interface for every transport: a sender sends a request's blocks under a key, a receiver
+verifies every frame, commits the whole transfer at once and acknowledges it.
+
+The message-based transports (TCP, UCX) share the session protocol below:
+
+    sender -> receiver   control message: u32 length | msgpack {"key", "frames", "token"}
+    sender -> receiver   per frame: prefix, header, then each payload part (wire.FrameHeader.parts)
+    receiver -> sender   control message: msgpack {"ok", "error", "tensor", "bytes"}
+
+A transfer is done only when the sender has read {"ok": true}. The receiver keeps a transfer's
+blocks private until every checksum passed, then hands them to its commit callback in one call.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hmac
+import logging
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import msgpack
+
+from .. import wire
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview
+FrameLike = wire.Block | Sequence[Buffer]
+_LEN = struct.Struct("<I")
+
+
+class TransferError(RuntimeError):
+    """A transfer that did not complete; `tensor` names the offending tensor when the receiver
+    rejected a frame."""
+
+    def __init__(self, message: str, tensor: str | None = None):
+        self.tensor = tensor
+        super().__init__(message)
+
+
+class Unauthorized(TransferError):
+    pass
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """What a receiver accepts per transfer, on top of the per-frame wire.Limits."""
+
+    frame: wire.Limits = field(default_factory=wire.Limits)
+    max_frames: int = 1 << 16
+    max_transfer_bytes: int = 32 << 30
+    max_control_bytes: int = 64 << 10
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Connection attempts with exponential backoff (connection refused, not yet listening)."""
+
+    attempts: int = 5
+    initial_delay: float = 0.05
+    factor: float = 2.0
+    max_delay: float = 2.0
+
+
+@dataclass
+class TransferResult:
+    key: str
+    frames: int
+    bytes: int
+    seconds: float
+
+
+async def connect_with_retry(
+    connect: Callable[[], Awaitable[T]], policy: RetryPolicy, where: str
+) -> T:
+    delay, last = policy.initial_delay, None
+    for attempt in range(policy.attempts):
+        try:
+            return await connect()
+        except (ConnectionError, OSError) as e:
+            last = e
+            log.debug("connect to %s failed (attempt %d): %s", where, attempt + 1, e)
+        except Exception as e:  # ucxx raises its own error types for a refused connection
+            if "refused" not in str(e).lower() and "unreachable" not in str(e).lower():
+                raise
+            last = e
+        if attempt + 1 < policy.attempts:
+            await asyncio.sleep(delay)
+            delay = min(delay * policy.factor, policy.max_delay)
+    raise TransferError(f"could not connect to {where} after {policy.attempts} attempts: {last}")
+
+
+def frame_buffers(item: FrameLike) -> list[Buffer]:
+    """A block's wire buffers (encoded now) or already-encoded buffers (passed through)."""
+    return wire.encode_block(item) if isinstance(item, wire.Block) else list(item)
+
+
+def message_parts(buffers: Sequence[Buffer]) -> list[memoryview]:
+    """The frame as the receiver reads it: prefix, header, then each non-empty payload part."""
+    mvs = [memoryview(b).cast("B") for b in buffers]
+    first = mvs[0]
+    if len(first) == wire.PREFIX.size + int.from_bytes(first[8:12], "little"):
+        head = [first[: wire.PREFIX.size], first[wire.PREFIX.size :]]
+    else:  # a contiguous stored frame: cut it where the receiver reads
+        return _cut_stored_frame(first) + [m for m in mvs[1:] if len(m)]
+    return head + [m for m in mvs[1:] if len(m)]
+
+
+def _cut_stored_frame(mv: memoryview) -> list[memoryview]:
+    start = wire.PREFIX.size + int.from_bytes(mv[8:12], "little")
+    out = [mv[: wire.PREFIX.size], mv[wire.PREFIX.size : start]]
+    try:
+        header = wire.parse_header(bytes(mv[: wire.PREFIX.size]), mv[wire.PREFIX.size : start])
+    except wire.FrameError:  # the receiver will refuse it at the header: send the rest as is
+        return out + [mv[start:]]
+    return out + [mv[start + off : start + off + n] for off, n in header.parts() if n]
+
+
+class Channel(Protocol):
+    """An ordered, reliable byte/message pipe; recv_into fills exactly len(mv) bytes."""
+
+    async def send(self, buffers: Sequence[memoryview]) -> None: ...
+
+    async def recv_into(self, mv: memoryview) -> None: ...
+
+
+class TokenBucket:
+    """Emulates a link of `rate` bytes/s: senders wait for tokens before each slice they send."""
+
+    def __init__(self, rate: float, burst: int = 256 << 10):
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        self.rate, self.burst = rate, burst
+        self._tokens, self._t = float(burst), time.perf_counter()
+
+    async def take(self, n: int) -> None:
+        now = time.perf_counter()
+        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+        self._t = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+    def slices(self, mv: memoryview) -> list[memoryview]:
+        return [mv[i : i + self.burst] for i in range(0, len(mv), self.burst)] or [mv]
+
+
+class ThrottledChannel:
+    """A channel whose sends go through a token bucket (the --bandwidth-limit of the benchmark)."""
+
+    def __init__(self, inner: Channel, bucket: TokenBucket):
+        self.inner, self.bucket = inner, bucket
+
+    async def send(self, buffers: Sequence[memoryview]) -> None:
+        for b in buffers:
+            for piece in self.bucket.slices(b):
+                await self.bucket.take(len(piece))
+                await self.inner.send([piece])
+
+    async def recv_into(self, mv: memoryview) -> None:
+        await self.inner.recv_into(mv)
+
+
+async def send_msg(ch: Channel, obj: dict) -> None:
+    body = msgpack.packb(obj, use_bin_type=True)
+    await ch.send([memoryview(_LEN.pack(len(body))), memoryview(body)])
+
+
+async def recv_msg(ch: Channel, limit: int) -> dict:
+    n = bytearray(_LEN.size)
+    await ch.recv_into(memoryview(n))
+    (size,) = _LEN.unpack(n)
+    if size > limit:
+        raise wire.LimitError(f"control message of {size} bytes exceeds {limit}", "control")
+    body = bytearray(size)
+    await ch.recv_into(memoryview(body))
+    try:
+        obj = msgpack.unpackb(body, raw=False)
+    except Exception as e:
+        raise wire.FrameError(f"control message is not msgpack: {e}", "control") from None
+    if not isinstance(obj, dict):
+        raise wire.FrameError("control message is not a map", "control")
+    return obj
+
+
+async def send_session(
+    ch: Channel, key: str, frames: Sequence[Sequence[Buffer]], token: str | None
+) -> dict:
+    """Sender side; returns the receiver's acknowledgement. The ack is read concurrently, so a
+    receiver that rejects a frame early stops the sender at once."""
+
+    async def push() -> None:
+        await send_msg(ch, {"key": key, "frames": len(frames), "token": token})
+        for bufs in frames:
+            await ch.send(message_parts(bufs))
+
+    pusher = asyncio.ensure_future(push())
+    acker = asyncio.ensure_future(recv_msg(ch, 1 << 20))
+    try:
+        done, _ = await asyncio.wait({pusher, acker}, return_when=asyncio.FIRST_COMPLETED)
+        if acker in done:  # early answer: a rejection (or a protocol error)
+            pusher.cancel()
+            return acker.result()
+        try:
+            pusher.result()
+        except (ConnectionError, OSError) as e:
+            # The receiver may have closed after rejecting: prefer its reason if it sent one.
+            try:
+                return await asyncio.wait_for(acker, 1.0)
+            except Exception:
+                raise TransferError(f"connection lost while sending: {e}") from e
+        return await acker
+    finally:
+        for t in (pusher, acker):
+            if not t.done():
+                t.cancel()
+
+
+def check_ack(ack: dict, key: str) -> None:
+    if not ack.get("ok"):
+        err = str(ack.get("error", "rejected"))
+        cls = Unauthorized if ack.get("unauthorized") else TransferError
+        raise cls(f"receiver rejected transfer {key!r}: {err}", ack.get("tensor"))
+
+
+def token_ok(expected: str | None, given: object) -> bool:
+    if expected is None:
+        return True
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+class KVReceiver(abc.ABC):
+    """Holds committed transfers; subclasses feed it verified blocks.
+
+    commit(key, blocks) runs once per complete, verified transfer (default: keep them in
+    `received`). `pending_bytes` counts payload buffers of transfers in flight: it returns to 0
+    when a transfer is committed or abandoned.
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: TransferLimits | None = None,
+        token: str | None = None,
+        expect_model: wire.ModelIdentity | None = None,
+        commit: Callable[[str, list[wire.Block]], None] | None = None,
+        idle_timeout: float = 30.0,
+    ):
+        self.limits = limits or TransferLimits()
+        self.token = token
+        self.expect_model = expect_model
+        self._commit_cb = commit
+        self.idle_timeout = idle_timeout  # a frame must arrive within this (a silent peer)
+        self.received: dict[str, list[wire.Block]] = {}
+        self.rejected: list[str] = []
+        self.aborted = 0
+        self.pending_bytes = 0
+        self._cond = threading.Condition()
+
+    def commit(self, key: str, blocks: list[wire.Block]) -> None:
+        if self._commit_cb is not None:
+            self._commit_cb(key, blocks)
+        with self._cond:
+            if self._commit_cb is None:
+                self.received[key] = blocks
+            self._cond.notify_all()
+
+    def note_failure(self, why: str, aborted: bool) -> None:
+        with self._cond:
+            if aborted:
+                self.aborted += 1
+            else:
+                self.rejected.append(why)
+            self._cond.notify_all()
+
+    def wait_for(self, key: str, timeout: float) -> list[wire.Block]:
+        """Block the calling thread until `key` is committed (only with the default commit)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self.received, timeout):
+                raise TimeoutError(f"transfer {key!r} not committed within {timeout} s")
+            return self.received[key]
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Poll `predicate` (e.g. on pending_bytes, which changes without notification)."""
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    @abc.abstractmethod
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def receive_session(self, ch: Channel) -> None:
+        """Receiver side of the session protocol on one connection."""
+        lim = self.limits
+        try:
+            hello = await recv_msg(ch, lim.max_control_bytes)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            return
+        key, n = hello.get("key"), hello.get("frames")
+        if not token_ok(self.token, hello.get("token")):
+            self.note_failure("bad token", aborted=False)
+            await send_msg(
+                ch, {"ok": False, "error": "missing or wrong token", "unauthorized": True}
+            )
+            return
+        if not isinstance(key, str) or not isinstance(n, int) or not 0 < n <= lim.max_frames:
+            await send_msg(ch, {"ok": False, "error": f"bad hello: key {key!r}, frames {n!r}"})
+            return
+        held = 0
+
+        async def frame() -> wire.Block:
+            nonlocal held
+            pre = bytearray(wire.PREFIX.size)
+            await ch.recv_into(memoryview(pre))
+            _, hlen, prefix = wire.parse_prefix(pre, lim.frame)
+            hb = bytearray(hlen)
+            await ch.recv_into(memoryview(hb))
+            header = wire.parse_header(prefix, hb, lim.frame, self.expect_model)
+            if held + header.payload_len > lim.max_transfer_bytes:
+                raise wire.LimitError(f"transfer exceeds {lim.max_transfer_bytes} bytes", "payload")
+            payload = bytearray(header.payload_len)  # allocated only after validation
+            held += header.payload_len
+            self.pending_bytes += header.payload_len
+            pv = memoryview(payload)
+            for off, size in header.parts():
+                if size:
+                    await ch.recv_into(pv[off : off + size])
+            return wire.decode_payload(header, payload)
+
+        try:
+            blocks = []
+            for _ in range(n):
+                try:
+                    blocks.append(await asyncio.wait_for(frame(), self.idle_timeout))
+                except asyncio.TimeoutError:
+                    raise ConnectionError(f"no frame within {self.idle_timeout} s") from None
+            self.commit(key, blocks)
+            self.pending_bytes -= held
+            held = 0
+            await send_msg(ch, {"ok": True, "bytes": sum(b.nbytes for b in blocks)})
+        except wire.FrameError as e:
+            self.note_failure(str(e), aborted=False)
+            try:
+                await send_msg(ch, {"ok": False, "error": str(e), "tensor": e.tensor})
+            except (ConnectionError, OSError):
+                pass
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            log.info("transfer %r aborted by the peer: %s", key, e)
+            self.note_failure(str(e), aborted=True)
+        finally:
+            self.pending_bytes -= held  # the partial blocks are dropped with this frame
+
+
+class KVSender(abc.ABC):
+    """Sends a request's blocks (wire.Block or already-encoded buffers) under a key."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        token: str | None = None,
+        bandwidth: float | None = None,
+    ):
+        """bandwidth: emulate a link of that many bytes/s (token bucket); None = as fast as it goes."""
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.token = token
+        self.bandwidth = bandwidth
+
+    def throttle(self, ch: Channel) -> Channel:
+        return ThrottledChannel(ch, TokenBucket(self.bandwidth)) if self.bandwidth else ch
+
+    @abc.abstractmethod
+    async def _send(self, key: str, frames: list[list[Buffer]]) -> dict: ...
+
+    async def send(self, key: str, blocks: Sequence[FrameLike]) -> TransferResult:
+        """Send and wait for the receiver's acknowledgement (TransferError within `timeout`)."""
+        frames = [frame_buffers(b) for b in blocks]
+        nbytes = sum(memoryview(x).nbytes for f in frames for x in f)
+        t0 = time.perf_counter()
+        try:
+            ack = await asyncio.wait_for(self._send(key, frames), self.timeout)
+        except asyncio.TimeoutError:
+            raise TransferError(
+                f"transfer {key!r} not acknowledged within {self.timeout} s"
+            ) from None
+        except (ConnectionError, OSError, wire.FrameError) as e:
+            raise TransferError(f"transfer {key!r} failed: {e}") from e
+        check_ack(ack, key)
+        return TransferResult(key, len(frames), nbytes, time.perf_counter() - t0)
+
+    def send_sync(self, key: str, blocks: Sequence[FrameLike]) -> TransferResult:
+        return asyncio.run(self.send(key, blocks))
+
+    async def close(self) -> None:
+        return None
+
+
+class ServerThread:
+    """Runs an async receiver on its own event loop in a daemon thread (sync use, tests)."""
+
+    def __init__(self, receiver: KVReceiver, host: str = "127.0.0.1", port: int = 0):
+        self.receiver = receiver
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(receiver.start(host, port), self.loop)
+        self.address = fut.result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.receiver.close(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,281 @@
+"""gRPC transport (proto/hack_kv.proto, service KVTransfer): client streaming of frames in chunks
+of >= 1 MiB over several parallel streams, shared-secret token, optional TLS.
+
+The frames of one transfer are spread over `streams` RPCs. The receiver verifies each stream's
+frames, holds them privately, and commits the transfer when its last stream has verified; any
+failed stream discards the whole transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from .. import wire
+from ..proto import hack_kv_pb2 as pb
+from ..proto import hack_kv_pb2_grpc as pb_grpc
+from .assembler import FrameAssembler
+from .base import (
+    Buffer,
+    KVReceiver,
+    KVSender,
+    TokenBucket,
+    TransferError,
+    Unauthorized,
+    connect_with_retry,
+    token_ok,
+)
+
+CHUNK = 4 << 20
+MIN_CHUNK = 1 << 20
+TOKEN_HEADER = "x-hack-kv-token"
+
+
+def _options(max_message: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_message),
+    ]
+
+
+@dataclass
+class _Pending:
+    num_streams: int
+    parts: dict[int, list[wire.Block]] = field(default_factory=dict)
+    failed: str | None = None
+    since: float = field(default_factory=time.monotonic)
+    held: int = 0
+
+
+class _Servicer(pb_grpc.KVTransferServicer):
+    def __init__(self, owner: GrpcReceiver):
+        self.owner = owner
+
+    async def Transfer(self, request_iterator, context):  # noqa: N802 (generated name)
+        return await self.owner._transfer(request_iterator, context)
+
+
+class GrpcReceiver(KVReceiver):
+    def __init__(
+        self, *, tls: tuple[bytes, bytes] | None = None, pending_timeout: float = 120.0, **kw
+    ):
+        """tls: (private key PEM, certificate chain PEM) to serve TLS."""
+        super().__init__(**kw)
+        self.tls = tls
+        self.pending_timeout = pending_timeout
+        self._pending: dict[str, _Pending] = {}
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        max_msg = 4 * CHUNK + (1 << 20)
+        self._server = grpc.aio.server(options=_options(max_msg))
+        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), self._server)
+        addr = f"{host}:{port}"
+        if self.tls:
+            bound = self._server.add_secure_port(addr, grpc.ssl_server_credentials([self.tls]))
+        else:
+            bound = self._server.add_insecure_port(addr)
+        await self._server.start()
+        return host, bound
+
+    async def close(self) -> None:
+        await self._server.stop(grace=None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key, p in list(self._pending.items()):
+            if now - p.since > self.pending_timeout:
+                self._drop(key, "expired")
+
+    def _drop(self, key: str, why: str) -> None:
+        p = self._pending.pop(key, None)
+        if p is not None:
+            self.pending_bytes -= p.held
+            p.parts.clear()
+
+    async def _transfer(self, chunks, context) -> pb.TransferAck:
+        meta = dict(context.invocation_metadata() or ())
+        if not token_ok(self.token, meta.get(TOKEN_HEADER)):
+            self.note_failure("bad token", aborted=False)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        self._expire()
+        asm, key, held = None, None, 0
+
+        def alloc(n: int) -> None:
+            nonlocal held
+            held += n
+            self.pending_bytes += n
+
+        try:
+            async for chunk in chunks:
+                if asm is None:
+                    key, idx, n_streams = chunk.key, chunk.stream_index, chunk.num_streams
+                    if not key or not 0 <= idx < n_streams <= 256:
+                        return pb.TransferAck(
+                            ok=False,
+                            error=f"bad first chunk: key {key!r}, stream {idx}/{n_streams}",
+                        )
+                    p = self._pending.setdefault(key, _Pending(n_streams))
+                    if p.num_streams != n_streams or idx in p.parts:
+                        return pb.TransferAck(
+                            ok=False,
+                            error=f"stream {idx}/{n_streams} conflicts with the transfer in progress",
+                        )
+                    asm = FrameAssembler(self.limits, self.expect_model, alloc)
+                    expected_frames = chunk.num_frames
+                asm.feed(chunk.data)
+            if asm is None:
+                return pb.TransferAck(ok=False, error="empty stream")
+            if not asm.idle or len(asm.blocks) != expected_frames:
+                raise wire.TruncatedFrame(
+                    f"stream ended after {len(asm.blocks)} of {expected_frames} frames", "payload"
+                )
+        except wire.FrameError as e:
+            self.note_failure(str(e), aborted=False)
+            self._fail(key, str(e))
+            self.pending_bytes -= held
+            return pb.TransferAck(ok=False, error=str(e), tensor=e.tensor or "")
+        except BaseException as e:  # peer gone mid-stream (cancelled) or a broken stream
+            self.note_failure(str(e) or type(e).__name__, aborted=True)
+            self._fail(key, "a stream was aborted")
+            self.pending_bytes -= held
+            raise
+        p = self._pending.get(key)
+        if p is None or p.failed:
+            self.pending_bytes -= held
+            return pb.TransferAck(
+                ok=False, error=f"transfer failed: {p.failed if p else 'expired'}"
+            )
+        p.parts[idx] = asm.blocks
+        p.held += held
+        if len(p.parts) < p.num_streams:
+            return pb.TransferAck(ok=True, committed=False, bytes=held)
+        self._pending.pop(key)
+        blocks = [b for i in sorted(p.parts) for b in p.parts[i]]
+        self.commit(key, blocks)
+        self.pending_bytes -= p.held
+        return pb.TransferAck(ok=True, committed=True, bytes=held)
+
+    def _fail(self, key: str | None, why: str) -> None:
+        if key is None:
+            return
+        p = self._pending.get(key)
+        if p is not None:
+            self.pending_bytes -= p.held
+            p.held = 0
+            p.parts.clear()
+            p.failed = why
+
+
+def _chunks(
+    first: pb.TransferChunk, frames: Sequence[Sequence[Buffer]], size: int
+) -> Iterator[pb.TransferChunk]:
+    """The stream's messages: one copy of the frame bytes into chunks of `size` bytes."""
+    pieces, total, head = [], 0, first
+    for frame in frames:
+        for buf in frame:
+            mv = memoryview(buf).cast("B")
+            while len(mv):
+                take = min(size - total, len(mv))
+                pieces.append(mv[:take])
+                total += take
+                mv = mv[take:]
+                if total == size:
+                    head.data = b"".join(pieces)
+                    yield head
+                    head, pieces, total = pb.TransferChunk(), [], 0
+    head.data = b"".join(pieces)
+    yield head
+
+
+class GrpcSender(KVSender):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        streams: int = 2,
+        chunk_bytes: int = CHUNK,
+        root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        **kw,
+    ):
+        super().__init__(**kw)
+        if chunk_bytes < MIN_CHUNK:
+            raise ValueError(f"chunk_bytes must be at least {MIN_CHUNK}")
+        self.target = f"{host}:{port}"
+        self.streams = streams
+        self.chunk_bytes = chunk_bytes
+        self.root_certificates = root_certificates
+        self.tls_server_name = tls_server_name
+
+    def _channel(self) -> grpc.aio.Channel:
+        opts = _options(self.chunk_bytes + (1 << 20))
+        if self.root_certificates is None:
+            return grpc.aio.insecure_channel(self.target, options=opts)
+        if self.tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.aio.secure_channel(self.target, creds, options=opts)
+
+    async def _connect(self, wait: float = 5.0) -> grpc.aio.Channel:
+        """A fresh channel that reached READY; ConnectionRefusedError on its first failure."""
+        channel = self._channel()
+        try:
+            state = channel.get_state(try_to_connect=True)
+            while state != grpc.ChannelConnectivity.READY:
+                if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    raise ConnectionRefusedError(f"no gRPC server at {self.target}")
+                await asyncio.wait_for(channel.wait_for_state_change(state), wait)
+                state = channel.get_state(try_to_connect=True)
+        except BaseException as e:
+            await channel.close()
+            if isinstance(e, asyncio.TimeoutError):
+                raise ConnectionRefusedError(
+                    f"gRPC server at {self.target} not ready in {wait} s"
+                ) from None
+            raise
+        return channel
+
+    async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
+        channel = await connect_with_retry(self._connect, self.retry, f"grpc://{self.target}")
+        async with channel:
+            stub = pb_grpc.KVTransferStub(channel)
+            n = max(1, min(self.streams, len(frames)))
+            cuts = [round(i * len(frames) / n) for i in range(n + 1)]
+            groups = [frames[cuts[i] : cuts[i + 1]] for i in range(n)]  # contiguous, in order
+            meta = ((TOKEN_HEADER, self.token),) if self.token else ()
+
+            bucket = TokenBucket(self.bandwidth, self.chunk_bytes) if self.bandwidth else None
+
+            async def paced(chunks: Iterator[pb.TransferChunk]):
+                for c in chunks:
+                    await bucket.take(len(c.data))
+                    yield c
+
+            async def one(i: int) -> pb.TransferAck:
+                first = pb.TransferChunk(
+                    key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
+                )
+                chunks = _chunks(first, groups[i], self.chunk_bytes)
+                return await stub.Transfer(paced(chunks) if bucket else chunks, metadata=meta)
+
+            try:
+                acks = await asyncio.gather(*(one(i) for i in range(n)))
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise Unauthorized(
+                        f"receiver refused transfer {key!r}: {e.details()}"
+                    ) from None
+                raise TransferError(
+                    f"gRPC transfer {key!r} failed: {e.code().name} {e.details()}"
+                ) from None
+        bad = [a for a in acks if not a.ok]
+        if bad:
+            return {"ok": False, "error": bad[0].error, "tensor": bad[0].tensor or None}
+        if sum(a.committed for a in acks) != 1:
+            return {"ok": False, "error": "receiver did not commit the transfer"}
+        return {"ok": True}

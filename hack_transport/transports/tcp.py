@@ -1,0 +1,87 @@
+"""Plain TCP on asyncio: the dependency-free transport. Zero-copy both ways (sock_sendall of the
+tensors' own memory, sock_recv_into the receiver's payload buffer)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+
+from .base import Buffer, KVReceiver, KVSender, connect_with_retry, send_session
+
+SOCK_BUF = 4 << 20
+
+
+class SocketChannel:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, buffers: Sequence[memoryview]) -> None:
+        for b in buffers:
+            await self.loop.sock_sendall(self.sock, b)
+
+    async def recv_into(self, mv: memoryview) -> None:
+        got, n = 0, len(mv)
+        while got < n:
+            k = await self.loop.sock_recv_into(self.sock, mv[got:])
+            if k == 0:
+                raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
+            got += k
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+    sock.setblocking(False)
+
+
+class TcpReceiver(KVReceiver):
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        self._lsock = socket.create_server((host, port), backlog=64)
+        self._lsock.setblocking(False)
+        self._tasks: set[asyncio.Task] = set()
+        self._accept = asyncio.ensure_future(self._accept_loop())
+        return self._lsock.getsockname()[:2]
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._lsock)
+            tune(conn)
+            task = asyncio.ensure_future(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            await self.receive_session(SocketChannel(conn))
+
+    async def close(self) -> None:
+        self._accept.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        self._lsock.close()
+
+
+class TcpSender(KVSender):
+    def __init__(self, host: str, port: int, **kw: object):
+        super().__init__(**kw)
+        self.host, self.port = host, port
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tune(sock)
+        try:
+            await loop.sock_connect(sock, (self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
+        sock = await connect_with_retry(self._connect, self.retry, f"tcp://{self.host}:{self.port}")
+        with sock:
+            return await send_session(self.throttle(SocketChannel(sock)), key, frames, self.token)

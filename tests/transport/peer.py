@@ -1,0 +1,41 @@
+"""A transport peer in its own process, for tests that kill it mid-transfer.
+
+python peer.py receive KIND       -> prints the port, serves until killed
+python peer.py send KIND PORT MB  -> sends one throttled transfer of about MB megabytes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import torch
+
+from hack_transport import wire
+from hack_transport.transports import make_receiver, make_sender
+
+
+def frames(mb: int) -> list:
+    k = torch.zeros(1, 1, mb << 18, 1, dtype=torch.float16)  # mb MiB of raw16 K and V
+    model = wire.model_identity("peer", 1, 1, 1, torch.float16, None)
+    return wire.split_raw([k], [k], 1 << 16, model)
+
+
+async def receive(kind: str) -> None:
+    rcv = make_receiver(kind, idle_timeout=5.0)
+    _, port = await rcv.start()
+    print(port, flush=True)
+    await asyncio.Event().wait()
+
+
+async def send(kind: str, port: int, mb: int) -> None:
+    s = make_sender(kind, "127.0.0.1", port, bandwidth=8e6, timeout=120)
+    print("sending", flush=True)
+    await s.send("doomed", frames(mb))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "receive":
+        asyncio.run(receive(sys.argv[2]))
+    else:
+        asyncio.run(send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
