@@ -112,7 +112,7 @@ def check_finite(x: torch.Tensor, name: str = "input") -> None:
 def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     r = v.to(dtype)
     low = r.float() > v
-    return torch.where(low, torch.nextafter(r, torch.tensor(-float("inf"), dtype=dtype)), r)
+    return torch.where(low, torch.nextafter(r, torch.tensor(-float("inf"), dtype=dtype, device=v.device)), r)
 
 
 def _min_and_scale(lo: torch.Tensor, hi: torch.Tensor, levels: int, meta: torch.dtype):
@@ -120,7 +120,7 @@ def _min_and_scale(lo: torch.Tensor, hi: torch.Tensor, levels: int, meta: torch.
     m = _round_down(lo, meta)
     need = (hi - m.float()) / levels
     s = need.to(meta)
-    up = torch.tensor(float("inf"), dtype=meta)
+    up = torch.tensor(float("inf"), dtype=meta, device=lo.device)
     for _ in range(3):  # one step of the metadata dtype is enough; bounded for safety
         short = m.float() + s.float() * levels < hi
         if not bool(short.any()):
