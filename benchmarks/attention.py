@@ -94,8 +94,8 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     if tune:
         best = None
         for nw in (4, 8):
-            for ns in (1, 2, 3):
-                launch.TUNED[key] = {"num_warps": nw, "num_stages": ns}
+            for waves in (2, 4, 8, 16):
+                launch.TUNED[key] = {"num_warps": nw, "num_stages": 1, "waves": waves}
                 us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
                 if best is None or us < best[0]:
                     best = (us, dict(launch.TUNED[key]))
@@ -180,6 +180,16 @@ def prefill_case(model, s, cfg, rows, tune):
 def quantize_case(cfg, copy_tbps, rows):
     k = torch.randn(1, 8, 65536, 128, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
+    key = ("quantize", 0, cfg.partition)
+    best = None
+    for br in (32, 64, 128, 256):
+        for nw in (4, 8):
+            launch.TUNED[key] = {"BLOCK_R": br, "num_warps": nw}
+            us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
+            if best is None or us < best[0]:
+                best = (us, dict(launch.TUNED[key]))
+    launch.TUNED[key] = best[1]
+    print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
     us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
     qkv = quantize_kv_triton(k, v, cfg, validate=False)
     moved = 2 * k.numel() * 2 + qkv.k_q.nbytes + qkv.v_q.nbytes

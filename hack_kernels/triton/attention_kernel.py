@@ -20,21 +20,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _quant8_rows(x, mask):
+def _quant8_rows(x, mask, MASKED: tl.constexpr):
     """8-bit asymmetric codes of each row of x (float32, [R, W]); metadata in float32 like the
     reference's _int8 on float32 input. Returns (codes - 128 as int8, min, scale, code sum)."""
-    lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
-    hi = tl.max(tl.where(mask, x, -float("inf")), axis=1)
-    lo = tl.where(lo == float("inf"), 0.0, lo)
-    hi = tl.where(hi == -float("inf"), 0.0, hi)
+    if MASKED:
+        lo = tl.min(tl.where(mask, x, float("inf")), axis=1)
+        hi = tl.max(tl.where(mask, x, -float("inf")), axis=1)
+        lo = tl.where(lo == float("inf"), 0.0, lo)
+        hi = tl.where(hi == -float("inf"), 0.0, hi)
+    else:
+        lo = tl.min(x, axis=1)
+        hi = tl.max(x, axis=1)
     s = (hi - lo) / 255.0
     for _ in tl.static_range(2):
         top = lo + tl.maximum(s * 255.0, 0.0)
         s = tl.where(top < hi, (s.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s)
     inv = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s), 0.0)
-    t = tl.maximum((x - lo[:, None]) * inv[:, None], 0.0)
+    t = (x - lo[:, None]) * inv[:, None]
     c = tl.minimum(tl.floor(t + 0.5), 255.0).to(tl.int32)
-    c = tl.where(mask, c, 0)
+    if MASKED:
+        c = tl.where(mask, c, 0)
     return (c - 128).to(tl.int8), lo, s, tl.sum(c, axis=1).to(tl.float32)
 
 
@@ -60,11 +65,13 @@ def _pick(g: tl.constexpr, a0, a1, a2, a3):
 
 
 @triton.jit
-def _q_group(q_ptr, qoff, row_ok, g: tl.constexpr, GW: tl.constexpr):
+def _q_group(q_ptr, qoff, row_ok, g: tl.constexpr, GW: tl.constexpr, qk_scale):
+    """Codes of Q's D-group g and its Eq. (1) factors, each times qk_scale (scores come out
+    scaled for the exp2 softmax)."""
     cols = g * GW + tl.arange(0, GW)
     x = tl.load(q_ptr + qoff[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
-    c, m, s, sm = _quant8_rows(x.to(tl.float32), row_ok[:, None] & (cols[None, :] >= 0))
-    return c, s, 128.0 * s + m, s * sm + GW * m
+    c, m, s, sm = _quant8_rows(x.to(tl.float32), row_ok[:, None] & (cols[None, :] >= 0), True)
+    return c, s * qk_scale, (128.0 * s + m) * qk_scale, (s * sm + GW * m) * qk_scale
 
 
 @triton.jit
@@ -104,6 +111,74 @@ def _attend16(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _load_page(
+    j, ok, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
+    km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
+    vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
+    D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, GW: tl.constexpr,
+):  # fmt: skip
+    """Raw codes and metadata of logical page j (zeros where not ok)."""
+    PER: tl.constexpr = 8 // BITS
+    GD: tl.constexpr = D // GW
+    KB: tl.constexpr = GW // PER
+    tok = tl.arange(0, PART)
+    dch = tl.arange(0, D)
+    pg = tl.load(bt_ptr + b * sbt_b + j, mask=ok, other=0).to(tl.int64)
+    kptr = kc_ptr + b.to(tl.int64) * skc_b + pg * skc_p + kvh * skc_h + tok[:, None] * skc_t
+    kptr += tl.arange(0, KB)[None, :]
+    kmoff = b.to(tl.int64) * skm_b + pg * skm_p + kvh * skm_h + tok * skm_t
+    kb0 = tl.load(kptr, mask=ok, other=0)
+    mk0 = tl.load(km_ptr + kmoff, mask=ok, other=0.0)
+    sk0 = tl.load(kss_ptr + kmoff, mask=ok, other=0.0)
+    uk0 = tl.load(ksum_ptr + kmoff, mask=ok, other=0)
+    kb1, mk1, sk1, uk1 = kb0, mk0, sk0, uk0
+    kb2, mk2, sk2, uk2 = kb0, mk0, sk0, uk0
+    kb3, mk3, sk3, uk3 = kb0, mk0, sk0, uk0
+    if GD > 1:
+        kb1 = tl.load(kptr + (PART // PER), mask=ok, other=0)
+        mk1 = tl.load(km_ptr + kmoff + 1, mask=ok, other=0.0)
+        sk1 = tl.load(kss_ptr + kmoff + 1, mask=ok, other=0.0)
+        uk1 = tl.load(ksum_ptr + kmoff + 1, mask=ok, other=0)
+    if GD > 2:
+        kb2 = tl.load(kptr + 2 * (PART // PER), mask=ok, other=0)
+        mk2 = tl.load(km_ptr + kmoff + 2, mask=ok, other=0.0)
+        sk2 = tl.load(kss_ptr + kmoff + 2, mask=ok, other=0.0)
+        uk2 = tl.load(ksum_ptr + kmoff + 2, mask=ok, other=0)
+        kb3 = tl.load(kptr + 3 * (PART // PER), mask=ok, other=0)
+        mk3 = tl.load(km_ptr + kmoff + 3, mask=ok, other=0.0)
+        sk3 = tl.load(kss_ptr + kmoff + 3, mask=ok, other=0.0)
+        uk3 = tl.load(ksum_ptr + kmoff + 3, mask=ok, other=0)
+    vptr = vc_ptr + b.to(tl.int64) * svc_b + pg * svc_p + kvh * svc_h + dch[:, None] * svc_d
+    vb = tl.load(vptr + tl.arange(0, PART // PER)[None, :], mask=ok, other=0)
+    vmoff = b.to(tl.int64) * svm_b + pg * svm_p + kvh * svm_h + dch * svm_d
+    mv = tl.load(vm_ptr + vmoff, mask=ok, other=0.0)
+    sv = tl.load(vss_ptr + vmoff, mask=ok, other=0.0)
+    sumv = tl.load(vsum_ptr + vmoff, mask=ok, other=0)
+    return (
+        kb0,
+        kb1,
+        kb2,
+        kb3,
+        mk0,
+        mk1,
+        mk2,
+        mk3,
+        sk0,
+        sk1,
+        sk2,
+        sk3,
+        uk0,
+        uk1,
+        uk2,
+        uk3,
+        vb,
+        mv,
+        sv,
+        sumv,
+    )
 
 
 @triton.jit
@@ -157,15 +232,15 @@ def hack_attn_kernel(
         )  # fmt: skip
 
     # Q codes and the per-(row, D-group) factors of Eq. (1), held for the whole page loop.
-    qc0, sq0, bq0, aq0 = _q_group(q_ptr, qoff, row_ok, 0, GW)
+    qc0, sq0, bq0, aq0 = _q_group(q_ptr, qoff, row_ok, 0, GW, qk_scale)
     qc1, sq1, bq1, aq1 = qc0, sq0, bq0, aq0
     qc2, sq2, bq2, aq2 = qc0, sq0, bq0, aq0
     qc3, sq3, bq3, aq3 = qc0, sq0, bq0, aq0
     if GD > 1:
-        qc1, sq1, bq1, aq1 = _q_group(q_ptr, qoff, row_ok, 1, GW)
+        qc1, sq1, bq1, aq1 = _q_group(q_ptr, qoff, row_ok, 1, GW, qk_scale)
     if GD > 2:
-        qc2, sq2, bq2, aq2 = _q_group(q_ptr, qoff, row_ok, 2, GW)
-        qc3, sq3, bq3, aq3 = _q_group(q_ptr, qoff, row_ok, 3, GW)
+        qc2, sq2, bq2, aq2 = _q_group(q_ptr, qoff, row_ok, 2, GW, qk_scale)
+        qc3, sq3, bq3, aq3 = _q_group(q_ptr, qoff, row_ok, 3, GW, qk_scale)
 
     pps = tl.cdiv(n_pages, NSPLIT)
     p_lo = split * pps
@@ -175,25 +250,37 @@ def hack_attn_kernel(
         p_hi = tl.minimum(p_hi, tl.cdiv(last_q + 1 - n_sink, PART))
     tok = tl.arange(0, PART)
     dch = tl.arange(0, D)
-    kbyte = tl.arange(0, KB)
-    vbyte = tl.arange(0, PART // PER)
+    # Software pipelining by hand: page j + 1's codes and metadata are in flight while page j
+    # is computed (Triton's pipeliner does not pipeline loads that feed an unpack, not a dot).
+    # fmt: off
+    kb0, kb1, kb2, kb3, mk0, mk1, mk2, mk3, sk0, sk1, sk2, sk3, uk0, uk1, uk2, uk3, vb, mv, sv, sumv = _load_page(
+        p_lo, p_lo < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
+        km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
+        vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
+        D, PART, BITS, GW)
     for j in range(p_lo, p_hi):
-        pg = tl.load(bt_ptr + b * sbt_b + j).to(tl.int64)
-        kbase = kc_ptr + b.to(tl.int64) * skc_b + pg * skc_p + kvh * skc_h
-        kmoff = b.to(tl.int64) * skm_b + pg * skm_p + kvh * skm_h + tok * skm_t
+        c_kb0, c_kb1, c_kb2, c_kb3 = kb0, kb1, kb2, kb3
+        c_mk0, c_mk1, c_mk2, c_mk3 = mk0, mk1, mk2, mk3
+        c_sk0, c_sk1, c_sk2, c_sk3 = sk0, sk1, sk2, sk3
+        c_uk0, c_uk1, c_uk2, c_uk3 = uk0, uk1, uk2, uk3
+        c_vb, c_mv, c_sv, c_sumv = vb, mv, sv, sumv
+        kb0, kb1, kb2, kb3, mk0, mk1, mk2, mk3, sk0, sk1, sk2, sk3, uk0, uk1, uk2, uk3, vb, mv, sv, sumv = _load_page(
+            j + 1, j + 1 < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
+            km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
+            vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
+            D, PART, BITS, GW)
+        # fmt: on
         s = tl.zeros([ROWS, PART], tl.float32)
         for g in tl.static_range(GD):
-            kb = tl.load(kbase + tok[:, None] * skc_t + g * (PART // PER) + kbyte[None, :])
-            kc = _unpack(kb, PART, KB, BITS)  # [tokens, GW]
+            kc = _unpack(_pick(g, c_kb0, c_kb1, c_kb2, c_kb3), PART, KB, BITS)  # [tokens, GW]
             dot = tl.dot(_pick(g, qc0, qc1, qc2, qc3), tl.trans(kc), out_dtype=tl.int32)
-            mk = tl.load(km_ptr + kmoff + g).to(tl.float32)
-            sk = tl.load(kss_ptr + kmoff + g).to(tl.float32)
-            sumk = tl.load(ksum_ptr + kmoff + g).to(tl.float32)
+            mk = _pick(g, c_mk0, c_mk1, c_mk2, c_mk3).to(tl.float32)
+            sk = _pick(g, c_sk0, c_sk1, c_sk2, c_sk3).to(tl.float32)
+            sumk = _pick(g, c_uk0, c_uk1, c_uk2, c_uk3).to(tl.float32)
             sq = _pick(g, sq0, sq1, sq2, sq3)
             s += (sq[:, None] * sk[None, :]) * dot.to(tl.float32)
             s += _pick(g, bq0, bq1, bq2, bq3)[:, None] * (sk * sumk)[None, :]
             s += _pick(g, aq0, aq1, aq2, aq3)[:, None] * mk[None, :]
-        s = s * qk_scale
         if CAUSAL:
             s = tl.where((n_sink + j * PART + tok)[None, :] <= q_abs[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -201,18 +288,13 @@ def hack_attn_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pc, mp, sp, sump = _quant8_rows(p, tok[None, :] >= 0)
-        vbase = vc_ptr + b.to(tl.int64) * svc_b + pg * svc_p + kvh * svc_h
-        vb = tl.load(vbase + dch[:, None] * svc_d + vbyte[None, :])
-        vc = _unpack(vb, D, PART // PER, BITS)  # [D, tokens]
+        pc, mp, sp, sump = _quant8_rows(p, None, False)
+        vc = _unpack(c_vb, D, PART // PER, BITS)  # [D, tokens]
         pv = tl.dot(pc, tl.trans(vc), out_dtype=tl.int32)
-        vmoff = b.to(tl.int64) * svm_b + pg * svm_p + kvh * svm_h + dch * svm_d
-        mv = tl.load(vm_ptr + vmoff).to(tl.float32)
-        sv = tl.load(vss_ptr + vmoff).to(tl.float32)
-        sumv = tl.load(vsum_ptr + vmoff).to(tl.float32)
-        acc = acc * alpha[:, None] + (sp[:, None] * sv[None, :]) * pv.to(tl.float32)
-        acc += (128.0 * sp + mp)[:, None] * (sv * sumv)[None, :]
-        acc += (sp * sump + PART * mp)[:, None] * mv[None, :]
+        sv_f = c_sv.to(tl.float32)
+        acc = acc * alpha[:, None] + (sp[:, None] * sv_f[None, :]) * pv.to(tl.float32)
+        acc += (128.0 * sp + mp)[:, None] * (sv_f * c_sumv.to(tl.float32))[None, :]
+        acc += (sp * sump + PART * mp)[:, None] * c_mv.to(tl.float32)[None, :]
         m_i = m_new
 
     if split == NSPLIT - 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import choose_splits, run_attention
+from .launch import choose_splits, launch_params, run_attention
 from .paged_cache import PagedHackCache
 
 
@@ -40,7 +40,8 @@ def decode_attention(
         block_tables = block_tables.contiguous()
     if max_pages is None:
         max_pages = max((cache.num_tokens(i) - cache.config.sink_tokens) // p for i in range(b))
-    splits = num_splits or choose_splits(b, h, max_pages)
+    waves = launch_params("decode", d, p).get("waves", 4)
+    splits = num_splits or choose_splits(b, h, max_pages, waves)
     if out is None:
         out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or not out.is_contiguous():  # any float dtype

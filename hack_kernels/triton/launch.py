@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -17,12 +19,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Launch parameters per shape class, filled by benchmarks/attention.py's sweep on the H100
-# (key: (kind, head_dim, partition)). Defaults are what a missing entry gets.
-TUNED: dict[tuple, dict] = {}
+# Launch parameters per shape class (key: (kind, head_dim, partition)), from the sweep that
+# benchmarks/attention.py runs on the H100 and saves to tuned_h100.json; a missing entry gets
+# DEFAULTS. Parameters are runtime choices, so nothing compiles on the hot path after warm-up.
+TUNED_FILE = Path(__file__).with_name("tuned_h100.json")
+
+
+def _load_tuned() -> dict[tuple, dict]:
+    if not TUNED_FILE.exists():
+        return {}
+    out = {}
+    for key, val in json.loads(TUNED_FILE.read_text()).items():
+        kind, d, p = key.split("|")
+        out[(kind, int(d), int(p))] = val
+    return out
+
+
+TUNED: dict[tuple, dict] = _load_tuned()
 DEFAULTS = {
     "prefill": {"BLOCK_P": 128, "num_warps": 8, "num_stages": 2},
-    "decode": {"num_warps": 4, "num_stages": 2},
+    "decode": {"num_warps": 4, "num_stages": 1, "waves": 4},
+    "quantize": {"BLOCK_R": 64, "num_warps": 4},
 }
 
 
@@ -35,7 +52,8 @@ def _nonempty(t):
 
 def launch_params(kind: str, head_dim: int, partition: int) -> dict:
     if interpreting():
-        return {"BLOCK_P": 16, "num_warps": 4, "num_stages": 1} if kind == "prefill" else {}
+        small = {"prefill": {"BLOCK_P": 16}, "decode": {"waves": 1}, "quantize": {"BLOCK_R": 64}}
+        return {"num_warps": 4, "num_stages": 1, **small[kind]}
     return {**DEFAULTS[kind], **TUNED.get((kind, head_dim, partition), {})}
 
 
@@ -116,9 +134,9 @@ def run_attention(
     return out
 
 
-def choose_splits(batch: int, kv_heads: int, max_pages: int, sms: int = 132) -> int:
-    """Split-K factor: enough programs for about two waves, never more splits than pages."""
+def choose_splits(batch: int, kv_heads: int, max_pages: int, waves: int = 4, sms: int = 132) -> int:
+    """Split-K factor: about `waves` programs per multiprocessor, never more splits than pages."""
     if max_pages <= 0:
         return 1
-    want = triton.cdiv(2 * sms, batch * kv_heads)
+    want = triton.cdiv(waves * sms, batch * kv_heads)
     return int(max(1, min(want, max_pages, 64)))

@@ -18,6 +18,7 @@ from ..config import HackConfig
 from ..kv import K_STREAM, V_STREAM, QuantizedKV, _check_kv, open_dtype_for
 from ..quantize import QuantizedTensor, meta_dtype_for
 from ..rng import uniform_noise
+from .launch import launch_params
 
 
 @triton.jit
@@ -157,13 +158,14 @@ def quantize_groups_triton(
         if rounding == "stochastic":
             noise = uniform_noise(list(x.shape), seed, stream, x.device, axis_offsets)
             noise = noise.movedim(dim, -1).contiguous()
-        block_r = max(1, min(64, triton.next_power_of_2(r1), 4096 // partition))
+        tune = launch_params("quantize", 0, partition)
+        block_r = max(1, min(tune["BLOCK_R"], triton.next_power_of_2(r1)))
         grid = (triton.cdiv(r1, block_r), g, r0)
         _quantize_pack_kernel[grid](
             v, noise, codes, mins, scales, sums, r1, n, g, s0, s1, sj,
             PART=partition, BITS=bits, BLOCK_R=block_r,
             STOCHASTIC=rounding == "stochastic", INT=_INT_OF[meta],
-            num_warps=4,
+            num_warps=tune["num_warps"],
         )  # fmt: skip
     return QuantizedTensor(
         codes=codes,
