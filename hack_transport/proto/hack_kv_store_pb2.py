@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(hack_transport/proto/hack_kv_store.proto\x12\x10hack_kv.store.v1\"S\n\x08\x43hunkKey\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nchunk_hash\x18\x02 \x01(\x0c\x12\x13\n\x0blayer_group\x18\x03 \x01(\r\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\"e\n\nPutRequest\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04xxh3\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x18\n\x08PutReply\x12\x0c\n\x04tier\x18\x01 \x01(\t\"5\n\nGetRequest\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\":\n\x08GetReply\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0c\n\x04xxh3\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"7\n\x0bKeysRequest\x12(\n\x04keys\x18\x01 \x03(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\"\x1e\n\x0b\x45xistsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"k\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x14\n\x0c\x63hunk_tokens\x18\x03 \x01(\r\x12\x14\n\x0clayer_groups\x18\x04 \x03(\r\x12\x0f\n\x07tp_rank\x18\x05 \x01(\r\"\x1d\n\x0bLookupReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"q\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"\x85\x01\n\nStatsReply\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.hack_kv.store.v1.TierStats\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\x03 \x01(\x04\x12\x0c\n\x04puts\x18\x04 \x01(\x04\x12\x14\n\x0cput_failures\x18\x05 \x01(\x04\"\x0f\n\rHealthRequest\"\x86\x01\n\x0bHealthReply\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.hack_kv.store.v1.HealthReply.Status\x12\x0f\n\x07version\x18\x02 \x01(\t\"0\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x32\xfa\x03\n\x07KVStore\x12\x41\n\x03Put\x12\x1c.hack_kv.store.v1.PutRequest\x1a\x1a.hack_kv.store.v1.PutReply(\x01\x12\x41\n\x03Get\x12\x1c.hack_kv.store.v1.GetRequest\x1a\x1a.hack_kv.store.v1.GetReply0\x01\x12\x46\n\x06\x45xists\x12\x1d.hack_kv.store.v1.KeysRequest\x1a\x1d.hack_kv.store.v1.ExistsReply\x12H\n\x06Lookup\x12\x1f.hack_kv.store.v1.LookupRequest\x1a\x1d.hack_kv.store.v1.LookupReply\x12\x46\n\x06\x44\x65lete\x12\x1d.hack_kv.store.v1.KeysRequest\x1a\x1d.hack_kv.store.v1.DeleteReply\x12\x45\n\x05Stats\x12\x1e.hack_kv.store.v1.StatsRequest\x1a\x1c.hack_kv.store.v1.StatsReply\x12H\n\x06Health\x12\x1f.hack_kv.store.v1.HealthRequest\x1a\x1d.hack_kv.store.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(hack_transport/proto/hack_kv_store.proto\x12\x10hack_kv.store.v1\"S\n\x08\x43hunkKey\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nchunk_hash\x18\x02 \x01(\x0c\x12\x13\n\x0blayer_group\x18\x03 \x01(\r\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\"e\n\nPutRequest\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04xxh3\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x18\n\x08PutReply\x12\x0c\n\x04tier\x18\x01 \x01(\t\"5\n\nGetRequest\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\":\n\x08GetReply\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0c\n\x04xxh3\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\rShmGetRequest\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\x12\x0c\n\x04path\x18\x02 \x01(\t\"/\n\x0bShmGetReply\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0c\n\x04xxh3\x18\x02 \x01(\x04\"h\n\rShmPutRequest\x12\'\n\x03key\x18\x01 \x01(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04xxh3\x18\x04 \x01(\x04\"7\n\x0bKeysRequest\x12(\n\x04keys\x18\x01 \x03(\x0b\x32\x1a.hack_kv.store.v1.ChunkKey\"\x1e\n\x0b\x45xistsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"k\n\rLookupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\x12\x14\n\x0c\x63hunk_tokens\x18\x03 \x01(\r\x12\x14\n\x0clayer_groups\x18\x04 \x03(\r\x12\x0f\n\x07tp_rank\x18\x05 \x01(\r\"\x1d\n\x0bLookupReply\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"q\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"\x85\x01\n\nStatsReply\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.hack_kv.store.v1.TierStats\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\x03 \x01(\x04\x12\x0c\n\x04puts\x18\x04 \x01(\x04\x12\x14\n\x0cput_failures\x18\x05 \x01(\x04\"\x0f\n\rHealthRequest\"\x86\x01\n\x0bHealthReply\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.hack_kv.store.v1.HealthReply.Status\x12\x0f\n\x07version\x18\x02 \x01(\t\"0\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x32\x8b\x05\n\x07KVStore\x12\x41\n\x03Put\x12\x1c.hack_kv.store.v1.PutRequest\x1a\x1a.hack_kv.store.v1.PutReply(\x01\x12\x41\n\x03Get\x12\x1c.hack_kv.store.v1.GetRequest\x1a\x1a.hack_kv.store.v1.GetReply0\x01\x12H\n\x06GetShm\x12\x1f.hack_kv.store.v1.ShmGetRequest\x1a\x1d.hack_kv.store.v1.ShmGetReply\x12\x45\n\x06PutShm\x12\x1f.hack_kv.store.v1.ShmPutRequest\x1a\x1a.hack_kv.store.v1.PutReply\x12\x46\n\x06\x45xists\x12\x1d.hack_kv.store.v1.KeysRequest\x1a\x1d.hack_kv.store.v1.ExistsReply\x12H\n\x06Lookup\x12\x1f.hack_kv.store.v1.LookupRequest\x1a\x1d.hack_kv.store.v1.LookupReply\x12\x46\n\x06\x44\x65lete\x12\x1d.hack_kv.store.v1.KeysRequest\x1a\x1d.hack_kv.store.v1.DeleteReply\x12\x45\n\x05Stats\x12\x1e.hack_kv.store.v1.StatsRequest\x1a\x1c.hack_kv.store.v1.StatsReply\x12H\n\x06Health\x12\x1f.hack_kv.store.v1.HealthRequest\x1a\x1d.hack_kv.store.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,28 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREQUEST']._serialized_end=329
   _globals['_GETREPLY']._serialized_start=331
   _globals['_GETREPLY']._serialized_end=389
-  _globals['_KEYSREQUEST']._serialized_start=391
-  _globals['_KEYSREQUEST']._serialized_end=446
-  _globals['_EXISTSREPLY']._serialized_start=448
-  _globals['_EXISTSREPLY']._serialized_end=478
-  _globals['_DELETEREPLY']._serialized_start=480
-  _globals['_DELETEREPLY']._serialized_end=510
-  _globals['_LOOKUPREQUEST']._serialized_start=512
-  _globals['_LOOKUPREQUEST']._serialized_end=619
-  _globals['_LOOKUPREPLY']._serialized_start=621
-  _globals['_LOOKUPREPLY']._serialized_end=650
-  _globals['_STATSREQUEST']._serialized_start=652
-  _globals['_STATSREQUEST']._serialized_end=666
-  _globals['_TIERSTATS']._serialized_start=668
-  _globals['_TIERSTATS']._serialized_end=781
-  _globals['_STATSREPLY']._serialized_start=784
-  _globals['_STATSREPLY']._serialized_end=917
-  _globals['_HEALTHREQUEST']._serialized_start=919
-  _globals['_HEALTHREQUEST']._serialized_end=934
-  _globals['_HEALTHREPLY']._serialized_start=937
-  _globals['_HEALTHREPLY']._serialized_end=1071
-  _globals['_HEALTHREPLY_STATUS']._serialized_start=1023
-  _globals['_HEALTHREPLY_STATUS']._serialized_end=1071
-  _globals['_KVSTORE']._serialized_start=1074
-  _globals['_KVSTORE']._serialized_end=1580
+  _globals['_SHMGETREQUEST']._serialized_start=391
+  _globals['_SHMGETREQUEST']._serialized_end=461
+  _globals['_SHMGETREPLY']._serialized_start=463
+  _globals['_SHMGETREPLY']._serialized_end=510
+  _globals['_SHMPUTREQUEST']._serialized_start=512
+  _globals['_SHMPUTREQUEST']._serialized_end=616
+  _globals['_KEYSREQUEST']._serialized_start=618
+  _globals['_KEYSREQUEST']._serialized_end=673
+  _globals['_EXISTSREPLY']._serialized_start=675
+  _globals['_EXISTSREPLY']._serialized_end=705
+  _globals['_DELETEREPLY']._serialized_start=707
+  _globals['_DELETEREPLY']._serialized_end=737
+  _globals['_LOOKUPREQUEST']._serialized_start=739
+  _globals['_LOOKUPREQUEST']._serialized_end=846
+  _globals['_LOOKUPREPLY']._serialized_start=848
+  _globals['_LOOKUPREPLY']._serialized_end=877
+  _globals['_STATSREQUEST']._serialized_start=879
+  _globals['_STATSREQUEST']._serialized_end=893
+  _globals['_TIERSTATS']._serialized_start=895
+  _globals['_TIERSTATS']._serialized_end=1008
+  _globals['_STATSREPLY']._serialized_start=1011
+  _globals['_STATSREPLY']._serialized_end=1144
+  _globals['_HEALTHREQUEST']._serialized_start=1146
+  _globals['_HEALTHREQUEST']._serialized_end=1161
+  _globals['_HEALTHREPLY']._serialized_start=1164
+  _globals['_HEALTHREPLY']._serialized_end=1298
+  _globals['_HEALTHREPLY_STATUS']._serialized_start=1250
+  _globals['_HEALTHREPLY_STATUS']._serialized_end=1298
+  _globals['_KVSTORE']._serialized_start=1301
+  _globals['_KVSTORE']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,16 @@ class KVStoreStub:
                 request_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.GetRequest.SerializeToString,
                 response_deserializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.GetReply.FromString,
                 _registered_method=True)
+        self.GetShm = channel.unary_unary(
+                '/hack_kv.store.v1.KVStore/GetShm',
+                request_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmGetRequest.SerializeToString,
+                response_deserializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmGetReply.FromString,
+                _registered_method=True)
+        self.PutShm = channel.unary_unary(
+                '/hack_kv.store.v1.KVStore/PutShm',
+                request_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmPutRequest.SerializeToString,
+                response_deserializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.PutReply.FromString,
+                _registered_method=True)
         self.Exists = channel.unary_unary(
                 '/hack_kv.store.v1.KVStore/Exists',
                 request_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.KeysRequest.SerializeToString,
@@ -81,6 +91,18 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutShm(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +150,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.GetRequest.FromString,
                     response_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.GetReply.SerializeToString,
+            ),
+            'GetShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShm,
+                    request_deserializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmGetRequest.FromString,
+                    response_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmGetReply.SerializeToString,
+            ),
+            'PutShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutShm,
+                    request_deserializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmPutRequest.FromString,
+                    response_serializer=hack__transport_dot_proto_dot_hack__kv__store__pb2.PutReply.SerializeToString,
             ),
             'Exists': grpc.unary_unary_rpc_method_handler(
                     servicer.Exists,
@@ -209,6 +241,60 @@ class KVStore:
             '/hack_kv.store.v1.KVStore/Get',
             hack__transport_dot_proto_dot_hack__kv__store__pb2.GetRequest.SerializeToString,
             hack__transport_dot_proto_dot_hack__kv__store__pb2.GetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hack_kv.store.v1.KVStore/GetShm',
+            hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmGetRequest.SerializeToString,
+            hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmGetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hack_kv.store.v1.KVStore/PutShm',
+            hack__transport_dot_proto_dot_hack__kv__store__pb2.ShmPutRequest.SerializeToString,
+            hack__transport_dot_proto_dot_hack__kv__store__pb2.PutReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,8 +7,11 @@ content, and the service commits a value only whole.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from .errors import (
 )
 from .keys import ChunkKey, ChunkSpec, as_token_array
 from .pb import key_to_pb, stats_from_pb
+from .shm import SHM_DIR, ExchangeFiles, read_exact, read_into, write_all
 
 _RETRY = {grpc.StatusCode.UNAVAILABLE}
 _ERRORS = {
@@ -38,6 +42,22 @@ _ERRORS = {
     grpc.StatusCode.UNAVAILABLE: StoreUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: StoreUnavailableError,
 }
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _close_all(channel: grpc.Channel, shm: ExchangeFiles | None) -> None:
+    channel.close()
+    if shm is not None:
+        shm.close()
 
 
 def _as_store_error(e: grpc.RpcError) -> StoreError:
@@ -62,7 +82,10 @@ class StoreClient:
         backoff: float = 0.05,
         piece_bytes: int = 1 << 20,
         max_message_bytes: int = 16 << 20,
+        shm: bool | None = None,
     ) -> None:
+        """shm: exchange values through /dev/shm files (GetShm/PutShm) instead of the socket;
+        None uses them when the address is loopback, and any refusal falls back to streaming."""
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -80,6 +103,10 @@ class StoreClient:
         self.retries = retries
         self.backoff = backoff
         self.piece_bytes = piece_bytes
+        if shm is None:
+            shm = _is_loopback(address) and os.path.isdir(SHM_DIR)
+        self._shm = ExchangeFiles() if shm else None
+        self._finalizer = weakref.finalize(self, _close_all, self._channel, self._shm)
 
     def _call(self, fn: Callable[[], object]) -> object:
         for attempt in range(self.retries + 1):
@@ -93,10 +120,33 @@ class StoreClient:
 
     # -- the KVStore interface ---------------------------------------------------------------
 
+    def _shm_refused(self, e: StoreError) -> bool:
+        """A shared-memory call the service cannot serve: stop trying them, stream instead."""
+        if getattr(e, "code", None) in (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.UNIMPLEMENTED,
+        ):
+            shm, self._shm = self._shm, None
+            if shm is not None:
+                shm.close()
+            return True
+        return False
+
     def put(self, key: ChunkKey, value: bytes | memoryview) -> str:
         """Store `value`; returns the tier that took it once the service has committed it."""
         mv = memoryview(value).cast("B")
         n, step, checksum = len(mv), self.piece_bytes, xxhash.xxh3_64_intdigest(mv)
+        if self._shm is not None:
+            try:
+                fd, path = self._shm.get()
+                write_all(fd, mv)
+                req = pb.ShmPutRequest(key=key_to_pb(key), path=path, total_size=n, xxh3=checksum)
+                return self._call(
+                    lambda: self._stub.PutShm(req, timeout=self.timeout, metadata=self._metadata)
+                ).tier
+            except StoreError as e:
+                if not self._shm_refused(e):
+                    raise
 
         def pieces():
             yield pb.PutRequest(
@@ -112,24 +162,62 @@ class StoreClient:
 
     def get(self, key: ChunkKey) -> bytes | None:
         """The value of `key` (size and checksum verified), or None if the service has none."""
+        return self._get(key, None)
+
+    def get_into(self, key: ChunkKey, out: bytearray | memoryview) -> int | None:
+        """Copy the value of `key` into the writable buffer `out` (no new allocation, e.g. a
+        pinned or preallocated KV buffer); returns its size, or None if the service has none."""
+        mv = memoryview(out).cast("B")
+        if mv.readonly:
+            raise ValueError("get_into needs a writable buffer")
+        return self._get(key, mv)
+
+    def _get(self, key: ChunkKey, out: memoryview | None) -> bytes | int | None:
+        def room(n: int) -> None:
+            if out is not None and n > len(out):
+                raise ValueError(f"chunk {key} has {n} bytes, the buffer only {len(out)}")
+
+        def verified(view, n: int, total: int, want: int):
+            if n != total or xxhash.xxh3_64_intdigest(view) != want:
+                raise CorruptChunkError(
+                    f"chunk {key} arrived with {n} of {total} bytes or a bad checksum"
+                )
+            return view if out is None else n
+
+        def fetch_shm():
+            fd, path = self._shm.get()
+            req = pb.ShmGetRequest(key=key_to_pb(key), path=path)
+            reply = self._stub.GetShm(req, timeout=self.timeout, metadata=self._metadata)
+            n = reply.total_size
+            room(n)
+            view = read_exact(fd, n) if out is None else read_into(fd, out[:n])
+            return verified(view, len(view), n, reply.xxh3)
 
         def fetch():
-            parts = []
-            total = want = None
-            for msg in self._stub.Get(
-                pb.GetRequest(key=key_to_pb(key)), timeout=self.timeout, metadata=self._metadata
-            ):
+            parts, got, total, want = [], 0, None, None
+            req = pb.GetRequest(key=key_to_pb(key))
+            for msg in self._stub.Get(req, timeout=self.timeout, metadata=self._metadata):
                 if total is None:
                     total, want = msg.total_size, msg.xxh3
-                parts.append(msg.data)
+                    room(total)
+                data = msg.data
+                if out is None:
+                    parts.append(data)
+                elif got + len(data) <= total:
+                    out[got : got + len(data)] = data
+                got += len(data)
+            if out is not None:
+                return verified(out[: min(got, total)], got, total, want)
             value = parts[0] if len(parts) == 1 else b"".join(parts)
-            if len(value) != total or xxhash.xxh3_64_intdigest(value) != want:
-                raise CorruptChunkError(
-                    f"chunk {key} arrived with {len(value)} of {total} bytes or a bad checksum"
-                )
-            return value
+            return verified(value, got, total, want)
 
         try:
+            if self._shm is not None:
+                try:
+                    return self._call(fetch_shm)
+                except StoreError as e:
+                    if not self._shm_refused(e):
+                        raise
             return self._call(fetch)
         except StoreError as e:
             if getattr(e, "code", None) == grpc.StatusCode.NOT_FOUND:
@@ -197,7 +285,7 @@ class StoreClient:
             raise StoreUnavailableError(f"store not reachable within {timeout} s") from None
 
     def close(self) -> None:
-        self._channel.close()
+        self._finalizer()
 
     def __enter__(self) -> StoreClient:
         return self

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .diskfile import CorruptChunkError, FileHeader, encode_header, read_header, read_value
+from .entry import Entry
 from .errors import DiskFullError
 from .keys import ChunkKey
 from .lru import LruIndex, tier_stats
@@ -124,8 +125,8 @@ class DiskTier:
                 return True
             return False
 
-    def get(self, key: ChunkKey) -> bytes | None:
-        """The verified value of `key`, or None (absent, or corrupt and now dropped)."""
+    def get(self, key: ChunkKey) -> Entry | None:
+        """The verified value of `key` and its xxh3, or None (absent, or corrupt and now dropped)."""
         with self._lock:
             if key not in self.index:
                 return None
@@ -159,7 +160,7 @@ class DiskTier:
         with self._lock:
             self.index.unpin(key)
             self.hits += 1
-        return value
+        return Entry(value, header.xxh3)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -184,9 +185,9 @@ class DiskTier:
             self._reserved += nbytes
             self.index.pin(key)  # no eviction of this key may unlink the file being renamed in
 
-    def put(self, key: ChunkKey, value: bytes | memoryview) -> None:
+    def put(self, key: ChunkKey, value: bytes | memoryview, xxh3: int | None = None) -> None:
         """Store `value` durably; raises DiskFullError when there is no room (nothing is kept)."""
-        head = encode_header(key, value)
+        head = encode_header(key, value, xxh3)
         nbytes = len(head) + len(value)
         self._reserve(key, nbytes)
         final = self.path(key)

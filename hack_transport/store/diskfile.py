@@ -39,8 +39,8 @@ class FileHeader:
         return self.header_bytes + self.size
 
 
-def encode_header(key: ChunkKey, value: bytes | memoryview) -> bytes:
-    """Everything that precedes the value in the file."""
+def encode_header(key: ChunkKey, value: bytes | memoryview, xxh3: int | None = None) -> bytes:
+    """Everything that precedes the value in the file (xxh3: the value's, if already known)."""
     header = msgpack.packb(
         {
             "model": key.model,
@@ -48,7 +48,7 @@ def encode_header(key: ChunkKey, value: bytes | memoryview) -> bytes:
             "layer_group": key.layer_group,
             "tp_rank": key.tp_rank,
             "size": len(value),
-            "xxh3": xxhash.xxh3_64_intdigest(value),
+            "xxh3": xxhash.xxh3_64_intdigest(value) if xxh3 is None else xxh3,
         },
         use_bin_type=True,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+from .entry import Entry
 from .lru import LruIndex, tier_stats
 
 
@@ -25,13 +26,13 @@ class MemoryTier:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._values
 
-    def _to_tier(self, value: bytes) -> object:
-        return value
+    def _to_tier(self, entry: Entry) -> object:
+        return entry
 
-    def _from_tier(self, held: object) -> bytes:
+    def _from_tier(self, held: object) -> Entry:
         return held  # type: ignore[return-value]
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> Entry | None:
         held = self._values.get(key)
         if held is None:
             return None
@@ -42,7 +43,7 @@ class MemoryTier:
     def fits(self, size: int) -> bool:
         return size <= self.capacity
 
-    def make_room(self, size: int) -> list[tuple[Hashable, bytes]] | None:
+    def make_room(self, size: int) -> list[tuple[Hashable, Entry]] | None:
         """Evict LRU entries until `size` bytes fit; returns them, or None if they cannot."""
         keys = self.index.victims(size)
         if keys is None:
@@ -54,9 +55,9 @@ class MemoryTier:
             self.evictions += 1
         return out
 
-    def insert(self, key: Hashable, value: bytes) -> None:
-        self._values[key] = self._to_tier(value)
-        self.index.add(key, len(value))
+    def insert(self, key: Hashable, entry: Entry) -> None:
+        self._values[key] = self._to_tier(entry)
+        self.index.add(key, len(entry.value))
 
     def discard(self, key: Hashable) -> bool:
         if self._values.pop(key, None) is None:
@@ -82,9 +83,10 @@ class GpuTier(MemoryTier):
         self._torch = torch
         self.device = device
 
-    def _to_tier(self, value: bytes) -> object:
-        t = self._torch.frombuffer(bytearray(value), dtype=self._torch.uint8)
-        return t.to(self.device)
+    def _to_tier(self, entry: Entry) -> object:
+        t = self._torch.frombuffer(bytearray(entry.value), dtype=self._torch.uint8)
+        return t.to(self.device), entry.xxh3
 
-    def _from_tier(self, held: object) -> bytes:
-        return held.cpu().numpy().tobytes()  # type: ignore[attr-defined]
+    def _from_tier(self, held: object) -> Entry:
+        t, xxh3 = held  # type: ignore[misc]
+        return Entry(t.cpu().numpy().tobytes(), xxh3)

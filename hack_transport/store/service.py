@@ -25,6 +25,7 @@ import xxhash
 
 from ..proto import hack_kv_store_pb2 as pb
 from ..proto import hack_kv_store_pb2_grpc as pb_grpc
+from .entry import Entry
 from .errors import (
     CapacityError,
     ChunkTooLargeError,
@@ -35,6 +36,7 @@ from .errors import (
 from .keys import ChunkSpec
 from .metrics import ServiceMetrics
 from .pb import key_from_pb, require_key, stats_to_pb
+from .shm import SHM_DIR, ShmUnavailable, open_exchange, read_exact, write_all
 from .store import KVStore
 
 log = logging.getLogger("hack_kv.store.service")
@@ -77,6 +79,7 @@ class ServeConfig:
     grace_s: float = 10.0
     ready_file: str | None = None
     log_level: str = "info"
+    shm_dir: str | None = SHM_DIR  # same-host exchange files (GetShm/PutShm); None: off
 
 
 class _Draining(StoreError):
@@ -164,24 +167,71 @@ class StoreServicer(pb_grpc.KVStoreServicer):
                 raise InvalidRequestError("value does not match its xxh3 checksum; nothing stored")
             if self._validate is not None:
                 self._validate(value)
-            tier = self.store.put(key, value)
+            tier = self.store.put(key, value, want)
             self.metrics.bytes_in.inc(total)
             return pb.PutReply(tier=tier)
 
     def Get(self, request: pb.GetRequest, context) -> Iterator[pb.GetReply]:
         with self._rpc("Get", context):
-            key = require_key(request)
-            value = self.store.get(key)
-            if value is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no chunk {key}")
-            n, step = len(value), self.config.piece_bytes
-            mv = memoryview(value)
-            yield pb.GetReply(
-                total_size=n, xxh3=xxhash.xxh3_64_intdigest(value), data=mv[:step].tobytes()
-            )
+            entry = self._entry(request, context)
+            n, step = len(entry.value), self.config.piece_bytes
+            mv = memoryview(entry.value)
+            yield pb.GetReply(total_size=n, xxh3=entry.xxh3, data=mv[:step].tobytes())
             for i in range(step, n, step):
                 yield pb.GetReply(data=mv[i : i + step].tobytes())
             self.metrics.bytes_out.inc(n)
+
+    def _entry(self, request, context) -> Entry:
+        key = require_key(request)
+        entry = self.store.get_entry(key)
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no chunk {key}")
+        return entry
+
+    def _exchange(self, path: str, context) -> int:
+        if not self.config.shm_dir:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared-memory exchange is off")
+        try:
+            return open_exchange(path, self.config.shm_dir)
+        except ShmUnavailable as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    def GetShm(self, request: pb.ShmGetRequest, context) -> pb.ShmGetReply:
+        with self._rpc("GetShm", context):
+            entry = self._entry(request, context)
+            fd = self._exchange(request.path, context)
+            try:
+                write_all(fd, entry.value)
+            except OSError as e:
+                raise CapacityError(f"cannot write the exchange file: {e.strerror}") from None
+            finally:
+                os.close(fd)
+            self.metrics.bytes_out.inc(len(entry.value))
+            return pb.ShmGetReply(total_size=len(entry.value), xxh3=entry.xxh3)
+
+    def PutShm(self, request: pb.ShmPutRequest, context) -> pb.PutReply:
+        with self._rpc("PutShm", context):
+            if self.draining:
+                raise _Draining("the store is shutting down; put refused")
+            key, total = require_key(request), request.total_size
+            if total > self.store.max_chunk_bytes:
+                raise ChunkTooLargeError(
+                    f"chunk of {total} bytes exceeds the store's limit of {self.store.max_chunk_bytes}"
+                )
+            fd = self._exchange(request.path, context)
+            try:
+                value = read_exact(fd, total)
+            except ShmUnavailable as e:
+                raise InvalidRequestError(str(e)) from None
+            finally:
+                os.close(fd)
+            if xxhash.xxh3_64_intdigest(value) != request.xxh3:
+                raise InvalidRequestError("value does not match its xxh3 checksum; nothing stored")
+            if self._validate is not None:
+                self._validate(value)
+            tier = self.store.put(key, value, request.xxh3)
+            self.metrics.bytes_in.inc(total)
+            return pb.PutReply(tier=tier)
 
     def _keys(self, request: pb.KeysRequest):
         if len(request.keys) > MAX_KEYS_PER_REQUEST:

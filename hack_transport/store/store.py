@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from .disk import DiskTier
+from .entry import Entry
 from .errors import CapacityError, ChunkTooLargeError, DiskFullError
 from .keys import ChunkKey, ChunkSpec
 from .memory import GpuTier, MemoryTier
@@ -57,7 +58,7 @@ class KVStore:
             raise ValueError("write_through needs a disk tier")
         self.max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
-        self._spilling: dict[ChunkKey, bytes] = {}  # evicted from memory, being written to disk
+        self._spilling: dict[ChunkKey, Entry] = {}  # evicted from memory, being written to disk
         self.misses = 0
         self.puts = 0
         self.put_failures = 0
@@ -65,8 +66,11 @@ class KVStore:
 
     # -- puts --------------------------------------------------------------------------------
 
-    def put(self, key: ChunkKey, value: bytes) -> str:
-        """Store `value` under `key`; returns the tier that holds it. Raises CapacityError if none can."""
+    def put(self, key: ChunkKey, value: bytes, xxh3: int | None = None) -> str:
+        """Store `value` under `key`; returns the tier that holds it. Raises CapacityError if none can.
+
+        xxh3: the value's xxh3-64 when the caller has already verified it (saves recomputing).
+        """
         if not isinstance(key, ChunkKey):
             raise TypeError(f"key must be a ChunkKey, got {type(key).__name__}")
         value = bytes(value)
@@ -74,17 +78,18 @@ class KVStore:
             raise ChunkTooLargeError(
                 f"chunk of {len(value)} bytes exceeds the store's limit of {self.max_chunk_bytes}"
             )
+        entry = Entry.of(value, xxh3)
         try:
             if self.write_through:
-                self.disk.put(key, value)
-            tier = self._insert_memory(key, value, from_disk=self.write_through)
+                self.disk.put(key, value, entry.xxh3)
+            tier = self._insert_memory(key, entry, from_disk=self.write_through)
             if tier is None:
                 if self.disk is None:
                     raise CapacityError(
                         f"chunk of {len(value)} bytes does not fit any memory tier and there is no disk tier"
                     )
                 if not self.write_through:
-                    self.disk.put(key, value)
+                    self.disk.put(key, value, entry.xxh3)
                 tier = "disk"
         except Exception:
             with self._lock:
@@ -94,43 +99,41 @@ class KVStore:
             self.puts += 1
         return tier
 
-    def _insert_memory(self, key: ChunkKey, value: bytes, from_disk: bool) -> str | None:
-        """Put `value` in the fastest memory tier it fits, cascading evictions down the tiers."""
+    def _insert_memory(self, key: ChunkKey, entry: Entry, from_disk: bool) -> str | None:
+        """Put `entry` in the fastest memory tier it fits, cascading evictions down the tiers."""
         with self._lock:
             for tier in self.memory:
                 tier.discard(key)
-            pending = [(key, value)]
+            pending = [(key, entry)]
             placed = None
             for tier in self.memory:
                 moving, pending = pending, []
-                for k, v in moving:
-                    if not tier.fits(len(v)):
-                        pending.append((k, v))
+                for k, e in moving:
+                    if not tier.fits(len(e.value)):
+                        pending.append((k, e))
                         continue
-                    evicted = tier.make_room(len(v))
+                    evicted = tier.make_room(len(e.value))
                     if evicted is None:  # cannot happen for unpinned memory tiers; keep going down
-                        pending.append((k, v))
+                        pending.append((k, e))
                         continue
-                    tier.insert(k, v)
+                    tier.insert(k, e)
                     if k is key and placed is None:
                         placed = tier.name
                     pending.extend(evicted)
-            spill = [(k, v) for k, v in pending if k is not key]
-            if self.disk is None:
-                spill = []
-            for k, v in spill:
-                self._spilling[k] = v
-        for k, v in spill:
-            self._spill(k, v)
+            spill = [(k, e) for k, e in pending if k is not key] if self.disk is not None else []
+            for k, e in spill:
+                self._spilling[k] = e
+        for k, e in spill:
+            self._spill(k, e)
         if placed is None and from_disk:
             placed = "disk"
         return placed
 
-    def _spill(self, key: ChunkKey, value: bytes) -> None:
+    def _spill(self, key: ChunkKey, entry: Entry) -> None:
         """Write a chunk evicted from memory to disk (unless it is there already)."""
         try:
             if not self.disk.touch_if_present(key):
-                self.disk.put(key, value)
+                self.disk.put(key, entry.value, entry.xxh3)
         except (DiskFullError, OSError) as e:
             with self._lock:
                 self.spill_failures += 1
@@ -139,28 +142,34 @@ class KVStore:
             )
         finally:
             with self._lock:
-                if self._spilling.get(key) is value:
+                if self._spilling.get(key) is entry:
                     del self._spilling[key]
 
     # -- gets --------------------------------------------------------------------------------
 
-    def get(self, key: ChunkKey) -> bytes | None:
-        """The value of `key`, or None. Disk hits are verified and copied back into memory."""
+    def get_entry(self, key: ChunkKey) -> Entry | None:
+        """The value of `key` with its xxh3-64, or None. Disk hits are verified and copied back
+        into memory."""
         with self._lock:
             for tier in self.memory:
-                value = tier.get(key)
-                if value is not None:
-                    return value
-            value = self._spilling.get(key)
-            if value is not None:
-                return value
-        value = self.disk.get(key) if self.disk is not None else None
-        if value is None:
+                entry = tier.get(key)
+                if entry is not None:
+                    return entry
+            entry = self._spilling.get(key)
+            if entry is not None:
+                return entry
+        entry = self.disk.get(key) if self.disk is not None else None
+        if entry is None:
             with self._lock:
                 self.misses += 1
             return None
-        self._insert_memory(key, value, from_disk=True)
-        return value
+        self._insert_memory(key, entry, from_disk=True)
+        return entry
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        """The value of `key`, or None."""
+        entry = self.get_entry(key)
+        return None if entry is None else entry.value
 
     def exists(self, key: ChunkKey) -> bool:
         with self._lock:

@@ -7,6 +7,7 @@ import re
 import typer
 
 from hack_transport.store.service import ServeConfig, default_cache_dir, serve
+from hack_transport.store.shm import SHM_DIR
 
 from . import app
 
@@ -48,6 +49,9 @@ def serve_command(
         False, help="Decode every put and every disk read as a wire frame (per-tensor checksums)."
     ),
     max_chunk: str = typer.Option("256MiB", help="Largest chunk accepted."),
+    shm: bool = typer.Option(
+        True, help="Let same-host clients exchange values through /dev/shm files (GetShm/PutShm)."
+    ),
     workers: int = typer.Option(8, help="RPC worker threads."),
     metrics_port: int = typer.Option(
         None, help="Prometheus /metrics HTTP port (0: any free port)."
@@ -87,5 +91,6 @@ def serve_command(
             grace_s=grace,
             ready_file=ready_file,
             log_level=log_level,
+            shm_dir=SHM_DIR if shm else None,
         )
     )

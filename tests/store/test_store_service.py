@@ -34,7 +34,8 @@ def metric(server, name: str) -> float:
     return float(m.group(1))
 
 
-def test_concurrent_clients_bit_exact(start_server, tmp_path):
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "stream"])
+def test_concurrent_clients_bit_exact(start_server, tmp_path, shm):
     server = start_server(
         "--cpu", "64M", "--disk-dir", str(tmp_path / "d"), "--no-fsync", "--metrics-port", "0"
     )
@@ -42,7 +43,7 @@ def test_concurrent_clients_bit_exact(start_server, tmp_path):
 
     def client_work(c: int) -> None:
         rng = np.random.default_rng(100 + c)
-        with server.client() as client:
+        with server.client(shm=shm) as client:
             sent = {}
             for j in range(200):
                 k = key(c * 10_000 + j)
@@ -65,9 +66,10 @@ def test_concurrent_clients_bit_exact(start_server, tmp_path):
     with server.client() as client:
         s = client.stats()
     assert s["puts"] == 1600 and s["put_failures"] == 0 and s["misses"] == 0
-    assert metric(server, 'hack_kv_store_requests_total{code="OK",method="Put"}') == 1600
-    assert metric(server, 'hack_kv_store_requests_total{code="OK",method="Get"}') == 3200
-    assert metric(server, 'hack_kv_store_latency_seconds_count{method="Get"}') == 3200
+    put, get = ("PutShm", "GetShm") if shm else ("Put", "Get")
+    assert metric(server, f'hack_kv_store_requests_total{{code="OK",method="{put}"}}') == 1600
+    assert metric(server, f'hack_kv_store_requests_total{{code="OK",method="{get}"}}') == 3200
+    assert metric(server, f'hack_kv_store_latency_seconds_count{{method="{get}"}}') == 3200
     assert metric(server, "hack_kv_store_bytes_in_total") * 2 == metric(
         server, "hack_kv_store_bytes_out_total"
     )
@@ -208,3 +210,67 @@ def test_tls_with_token(start_server, tmp_path):
     with pytest.raises(StoreUnavailableError):
         plain.get(key(2))  # a plaintext client cannot talk to the TLS port
     plain.close()
+
+
+def test_shared_memory_exchange_is_checked_and_falls_back(start_server, tmp_path):
+    import os
+
+    server = start_server("--no-disk")
+    stub = pb_grpc.KVStoreStub(grpc.insecure_channel(server.address))
+    good = pb.ChunkKey(model="svc@1", chunk_hash=bytes(16))
+    shm_file = "/dev/shm/hack-kv-" + "ab" * 16 + ".buf"
+    link = "/dev/shm/hack-kv-" + "cd" * 16 + ".buf"
+    with open(shm_file, "wb") as f:
+        f.write(b"abc")
+    os.symlink(shm_file, link)
+    try:
+        data = b"abcdef"
+        FAILED, INVALID = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT
+        for path in (
+            str(tmp_path / "x.buf"),
+            "/dev/shm/other.buf",
+            "/dev/shm/../tmp/" + os.path.basename(shm_file),
+            link,
+        ):
+            req = pb.ShmPutRequest(
+                key=good, path=path, total_size=3, xxh3=xxhash.xxh3_64_intdigest(b"abc")
+            )
+            assert _code(lambda r=req: stub.PutShm(r, timeout=10))[0] == FAILED
+        short = pb.ShmPutRequest(
+            key=good, path=shm_file, total_size=6, xxh3=xxhash.xxh3_64_intdigest(data)
+        )
+        assert _code(lambda: stub.PutShm(short, timeout=10)) == (
+            INVALID,
+            "exchange file holds 3 bytes, 6 announced",
+        )
+        bad = pb.ShmPutRequest(key=good, path=shm_file, total_size=3, xxh3=1)
+        assert "checksum" in _code(lambda: stub.PutShm(bad, timeout=10))[1]
+        assert (
+            _code(lambda: stub.GetShm(pb.ShmGetRequest(key=good, path=shm_file), timeout=10))[0]
+            == grpc.StatusCode.NOT_FOUND
+        )
+    finally:
+        os.unlink(link)
+        os.unlink(shm_file)
+    # a service without shared memory: the client streams instead, transparently
+    plain = start_server("--no-disk", "--no-shm")
+    with plain.client(shm=True) as c:
+        assert c.put(key(5), b"x" * 3000) == "cpu" and c.get(key(5)) == b"x" * 3000
+        assert c._shm is None  # it gave up on shared memory after the first refusal
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "stream"])
+def test_get_into_a_preallocated_buffer(start_server, shm):
+    server = start_server("--no-disk")
+    rng = np.random.default_rng(3)
+    v = rng.integers(0, 256, 2_500_001, dtype=np.uint8).tobytes()  # several stream pieces
+    with server.client(shm=shm) as c:
+        c.put(key(9), v)
+        buf = bytearray(3_000_000)
+        assert c.get_into(key(9), buf) == len(v)
+        assert bytes(buf[: len(v)]) == v
+        assert c.get_into(key(10), buf) is None
+        with pytest.raises(ValueError, match="the buffer only 1000"):
+            c.get_into(key(9), bytearray(1000))
+        with pytest.raises(ValueError, match="writable"):
+            c.get_into(key(9), b"x" * 10)
