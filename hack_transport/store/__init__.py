@@ -6,10 +6,10 @@
         store.put(key, frame_bytes)          # a hack_transport.wire frame
     store.lookup(spec, tokens)               # leading tokens stored
 
-StoreClient has the same methods against `hack-kv serve` (service.py).
+StoreClient has the same methods against `hack-kv serve` (service.py). It is imported on first
+use, so the in-process store needs neither grpcio nor the protobuf runtime.
 """
 
-from .client import StoreClient
 from .errors import (
     AuthError,
     CapacityError,
@@ -42,3 +42,11 @@ __all__ = [
     "StoreUnavailableError",
     "chunk_hashes",
 ]
+
+
+def __getattr__(name: str):
+    if name == "StoreClient":
+        from .client import StoreClient
+
+        return StoreClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from hack_transport.store import StoreClient
-
 CLI = "from hack_integrations.cli import main; main()"
 
 
@@ -51,7 +49,9 @@ class ServerProcess:
         self.port, self.metrics_port = info["port"], info["metrics_port"]
         self.address = f"127.0.0.1:{self.port}"
 
-    def client(self, **kw) -> StoreClient:
+    def client(self, **kw):
+        from hack_transport.store.client import StoreClient
+
         c = StoreClient(self.address, **kw)
         c.wait_ready(10)
         return c

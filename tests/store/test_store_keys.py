@@ -11,6 +11,8 @@ import xxhash
 
 from hack_transport.store import ChunkKey, ChunkSpec, InvalidKeyError, chunk_hashes
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def reference_hashes(tokens: list[int], chunk_tokens: int) -> list[bytes]:
     """Second implementation: plain Python ints packed one by one."""

@@ -13,6 +13,8 @@ from hack_transport.store import ChunkKey, ChunkSpec, DiskFullError, KVStore
 from hack_transport.store.disk import SUFFIX
 from hack_transport.store.diskfile import encode_header
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def key(i: int, model: str = "m@1") -> ChunkKey:
     return ChunkKey(model, i.to_bytes(16, "little"))
