@@ -93,9 +93,16 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     key = ("decode", d, cfg.partition)
     if tune:
         best = None
-        for nw in (4, 8):
-            for waves in (2, 4, 8, 16):
-                launch.TUNED[key] = {"num_warps": nw, "num_stages": 1, "waves": waves}
+        for nw, waves, pre in [
+            (w, v, f) for w in (4, 8) for v in (4, 8, 16) for f in (True, False)
+        ]:
+            if True:
+                launch.TUNED[key] = {
+                    "num_warps": nw,
+                    "num_stages": 1,
+                    "waves": waves,
+                    "PREFETCH": pre,
+                }
                 us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
                 if best is None or us < best[0]:
                     best = (us, dict(launch.TUNED[key]))
@@ -139,7 +146,12 @@ def prefill_case(model, s, cfg, rows, tune):
         for bp in (64, 128):
             for nw in (4, 8):
                 for ns in (1, 2):
-                    launch.TUNED[key] = {"BLOCK_P": bp, "num_warps": nw, "num_stages": ns}
+                    launch.TUNED[key] = {
+                        "BLOCK_P": bp,
+                        "num_warps": nw,
+                        "num_stages": ns,
+                        "PREFETCH": False,
+                    }
                     try:
                         us = bench(lambda: attend_quantized(q, qkv), graph=False)
                     except Exception as e:  # noqa: BLE001 - e.g. out of shared memory

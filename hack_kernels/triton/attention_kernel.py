@@ -44,12 +44,11 @@ def _quant8_rows(x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _unpack(b, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    """uint8 [R, C] packed codes -> int8 [R, C * 8 // BITS], little-endian element order."""
+def _unpack_rows(raw, R: tl.constexpr, BITS: tl.constexpr):
+    """Gathered bytes [R, C] (row i holds the byte of code i) -> int8 codes [R, C]."""
     PER: tl.constexpr = 8 // BITS
-    sh = (tl.arange(0, PER) * BITS).to(tl.uint8)
-    x = (b[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(x, (R, C * PER)).to(tl.int8)
+    sh = ((tl.arange(0, R) % PER) * BITS).to(tl.uint8)
+    return ((raw >> sh[:, None]) & ((1 << BITS) - 1)).to(tl.int8)
 
 
 @triton.jit
@@ -123,12 +122,15 @@ def _load_page(
     """Raw codes and metadata of logical page j (zeros where not ok)."""
     PER: tl.constexpr = 8 // BITS
     GD: tl.constexpr = D // GW
-    KB: tl.constexpr = GW // PER
     tok = tl.arange(0, PART)
     dch = tl.arange(0, D)
     pg = tl.load(bt_ptr + b * sbt_b + j, mask=ok, other=0).to(tl.int64)
-    kptr = kc_ptr + b.to(tl.int64) * skc_b + pg * skc_p + kvh * skc_h + tok[:, None] * skc_t
-    kptr += tl.arange(0, KB)[None, :]
+    # Codes are read already in the orientation of the product (K^T: [GW, tokens], V: [tokens,
+    # D]), each byte once per code it holds (L1 serves the repeats); _unpack then needs no
+    # reshape or transpose.
+    e = tl.arange(0, GW)
+    kptr = kc_ptr + b.to(tl.int64) * skc_b + pg * skc_p + kvh * skc_h + tok[None, :] * skc_t
+    kptr += (e // PER)[:, None]
     kmoff = b.to(tl.int64) * skm_b + pg * skm_p + kvh * skm_h + tok * skm_t
     kb0 = tl.load(kptr, mask=ok, other=0)
     mk0 = tl.load(km_ptr + kmoff, mask=ok, other=0.0)
@@ -151,8 +153,8 @@ def _load_page(
         mk3 = tl.load(km_ptr + kmoff + 3, mask=ok, other=0.0)
         sk3 = tl.load(kss_ptr + kmoff + 3, mask=ok, other=0.0)
         uk3 = tl.load(ksum_ptr + kmoff + 3, mask=ok, other=0)
-    vptr = vc_ptr + b.to(tl.int64) * svc_b + pg * svc_p + kvh * svc_h + dch[:, None] * svc_d
-    vb = tl.load(vptr + tl.arange(0, PART // PER)[None, :], mask=ok, other=0)
+    vptr = vc_ptr + b.to(tl.int64) * svc_b + pg * svc_p + kvh * svc_h + dch[None, :] * svc_d
+    vb = tl.load(vptr + (tok // PER)[:, None], mask=ok, other=0)
     vmoff = b.to(tl.int64) * svm_b + pg * svm_p + kvh * svm_h + dch * svm_d
     mv = tl.load(vm_ptr + vmoff, mask=ok, other=0.0)
     sv = tl.load(vss_ptr + vmoff, mask=ok, other=0.0)
@@ -197,14 +199,13 @@ def hack_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, GW: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // NHG
     hg = tl.program_id(1) % NHG
     split = tl.program_id(2)
-    PER: tl.constexpr = 8 // BITS
     GD: tl.constexpr = D // GW
-    KB: tl.constexpr = GW // PER  # bytes of one token's D-group
     kvh = (hg * GR) // G
 
     r = tl.arange(0, ROWS)
@@ -250,30 +251,38 @@ def hack_attn_kernel(
         p_hi = tl.minimum(p_hi, tl.cdiv(last_q + 1 - n_sink, PART))
     tok = tl.arange(0, PART)
     dch = tl.arange(0, D)
-    # Software pipelining by hand: page j + 1's codes and metadata are in flight while page j
-    # is computed (Triton's pipeliner does not pipeline loads that feed an unpack, not a dot).
+    # PREFETCH: software pipelining by hand, page j + 1's codes and metadata are in flight while
+    # page j is computed (Triton's pipeliner skips loads that feed an unpack rather than a dot).
     # fmt: off
-    kb0, kb1, kb2, kb3, mk0, mk1, mk2, mk3, sk0, sk1, sk2, sk3, uk0, uk1, uk2, uk3, vb, mv, sv, sumv = _load_page(
-        p_lo, p_lo < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
-        km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
-        vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
-        D, PART, BITS, GW)
-    for j in range(p_lo, p_hi):
-        c_kb0, c_kb1, c_kb2, c_kb3 = kb0, kb1, kb2, kb3
-        c_mk0, c_mk1, c_mk2, c_mk3 = mk0, mk1, mk2, mk3
-        c_sk0, c_sk1, c_sk2, c_sk3 = sk0, sk1, sk2, sk3
-        c_uk0, c_uk1, c_uk2, c_uk3 = uk0, uk1, uk2, uk3
-        c_vb, c_mv, c_sv, c_sumv = vb, mv, sv, sumv
+    if PREFETCH:
         kb0, kb1, kb2, kb3, mk0, mk1, mk2, mk3, sk0, sk1, sk2, sk3, uk0, uk1, uk2, uk3, vb, mv, sv, sumv = _load_page(
-            j + 1, j + 1 < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
+            p_lo, p_lo < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
             km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
             vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
             D, PART, BITS, GW)
+    for j in range(p_lo, p_hi):
+        if PREFETCH:
+            c_kb0, c_kb1, c_kb2, c_kb3 = kb0, kb1, kb2, kb3
+            c_mk0, c_mk1, c_mk2, c_mk3 = mk0, mk1, mk2, mk3
+            c_sk0, c_sk1, c_sk2, c_sk3 = sk0, sk1, sk2, sk3
+            c_uk0, c_uk1, c_uk2, c_uk3 = uk0, uk1, uk2, uk3
+            c_vb, c_mv, c_sv, c_sumv = vb, mv, sv, sumv
+            kb0, kb1, kb2, kb3, mk0, mk1, mk2, mk3, sk0, sk1, sk2, sk3, uk0, uk1, uk2, uk3, vb, mv, sv, sumv = _load_page(
+                j + 1, j + 1 < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
+                km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
+                vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
+                D, PART, BITS, GW)
+        else:
+            c_kb0, c_kb1, c_kb2, c_kb3, c_mk0, c_mk1, c_mk2, c_mk3, c_sk0, c_sk1, c_sk2, c_sk3, c_uk0, c_uk1, c_uk2, c_uk3, c_vb, c_mv, c_sv, c_sumv = _load_page(
+                j, j < p_hi, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
+                km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
+                vc_ptr, svc_b, svc_p, svc_h, svc_d, vm_ptr, vss_ptr, vsum_ptr, svm_b, svm_p, svm_h, svm_d,
+                D, PART, BITS, GW)
         # fmt: on
         s = tl.zeros([ROWS, PART], tl.float32)
         for g in tl.static_range(GD):
-            kc = _unpack(_pick(g, c_kb0, c_kb1, c_kb2, c_kb3), PART, KB, BITS)  # [tokens, GW]
-            dot = tl.dot(_pick(g, qc0, qc1, qc2, qc3), tl.trans(kc), out_dtype=tl.int32)
+            kc = _unpack_rows(_pick(g, c_kb0, c_kb1, c_kb2, c_kb3), GW, BITS)  # [GW, tokens]
+            dot = tl.dot(_pick(g, qc0, qc1, qc2, qc3), kc, out_dtype=tl.int32)
             mk = _pick(g, c_mk0, c_mk1, c_mk2, c_mk3).to(tl.float32)
             sk = _pick(g, c_sk0, c_sk1, c_sk2, c_sk3).to(tl.float32)
             sumk = _pick(g, c_uk0, c_uk1, c_uk2, c_uk3).to(tl.float32)
@@ -289,8 +298,8 @@ def hack_attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pc, mp, sp, sump = _quant8_rows(p, None, False)
-        vc = _unpack(c_vb, D, PART // PER, BITS)  # [D, tokens]
-        pv = tl.dot(pc, tl.trans(vc), out_dtype=tl.int32)
+        vc = _unpack_rows(c_vb, PART, BITS)  # [tokens, D]
+        pv = tl.dot(pc, vc, out_dtype=tl.int32)
         sv_f = c_sv.to(tl.float32)
         acc = acc * alpha[:, None] + (sp[:, None] * sv_f[None, :]) * pv.to(tl.float32)
         acc += (128.0 * sp + mp)[:, None] * (sv_f * c_sumv.to(tl.float32))[None, :]

@@ -37,8 +37,8 @@ def _load_tuned() -> dict[tuple, dict]:
 
 TUNED: dict[tuple, dict] = _load_tuned()
 DEFAULTS = {
-    "prefill": {"BLOCK_P": 128, "num_warps": 8, "num_stages": 2},
-    "decode": {"num_warps": 4, "num_stages": 1, "waves": 4},
+    "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False},
+    "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": True},
     "quantize": {"BLOCK_R": 64, "num_warps": 4},
 }
 
@@ -52,7 +52,11 @@ def _nonempty(t):
 
 def launch_params(kind: str, head_dim: int, partition: int) -> dict:
     if interpreting():
-        small = {"prefill": {"BLOCK_P": 16}, "decode": {"waves": 1}, "quantize": {"BLOCK_R": 64}}
+        small = {
+            "prefill": {"BLOCK_P": 16, "PREFETCH": False},
+            "decode": {"waves": 1, "PREFETCH": True},
+            "quantize": {"BLOCK_R": 64},
+        }
         return {"num_warps": 4, "num_stages": 1, **small[kind]}
     return {**DEFAULTS[kind], **TUNED.get((kind, head_dim, partition), {})}
 
@@ -119,6 +123,7 @@ def run_attention(
         nhg = hq
         num_splits = 1
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
+    launch["PREFETCH"] = bool(params.get("PREFETCH", False))
     hack_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,
