@@ -3,9 +3,10 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
+
 from hack_integrations import model as model_mod
 from hack_integrations.cli import app
-from typer.testing import CliRunner
 
 
 def _expected_ratio(t: int, d: int, p: int) -> float:
