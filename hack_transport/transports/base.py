@@ -101,25 +101,49 @@ def frame_buffers(item: FrameLike) -> list[Buffer]:
     return wire.encode_block(item) if isinstance(item, wire.Block) else list(item)
 
 
+COALESCE = 1 << 20
+
+
+def runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive payload parts sent as one message: small parts are grouped up to COALESCE
+    bytes, a large part goes alone. Sender and receiver derive the same runs from the header, so
+    message transports (UCX) see few messages and the receiver still reads straight into place."""
+    out, start, size = [], 0, 0
+    for i, n in enumerate(lengths):
+        if size and size + n > COALESCE:
+            out.append((start, i))
+            start, size = i, 0
+        size += n
+    if start < len(lengths):
+        out.append((start, len(lengths)))
+    return out
+
+
 def message_parts(buffers: Sequence[Buffer]) -> list[memoryview]:
-    """The frame as the receiver reads it: prefix, header, then each non-empty payload part."""
+    """The frame as the receiver reads it: prefix, header, then the payload's non-empty runs."""
     mvs = [memoryview(b).cast("B") for b in buffers]
     first = mvs[0]
     if len(first) == wire.PREFIX.size + int.from_bytes(first[8:12], "little"):
-        head = [first[: wire.PREFIX.size], first[wire.PREFIX.size :]]
+        head, parts = [first[: wire.PREFIX.size], first[wire.PREFIX.size :]], mvs[1:]
     else:  # a contiguous stored frame: cut it where the receiver reads
-        return _cut_stored_frame(first) + [m for m in mvs[1:] if len(m)]
-    return head + [m for m in mvs[1:] if len(m)]
+        head, parts = _cut_stored_frame(first)
+        parts += mvs[1:]
+    out = head
+    for a, b in runs([len(m) for m in parts]):
+        msg = parts[a] if b - a == 1 else memoryview(b"".join(parts[a:b]))
+        if len(msg):
+            out.append(msg)
+    return out
 
 
-def _cut_stored_frame(mv: memoryview) -> list[memoryview]:
+def _cut_stored_frame(mv: memoryview) -> tuple[list[memoryview], list[memoryview]]:
     start = wire.PREFIX.size + int.from_bytes(mv[8:12], "little")
-    out = [mv[: wire.PREFIX.size], mv[wire.PREFIX.size : start]]
+    head = [mv[: wire.PREFIX.size], mv[wire.PREFIX.size : start]]
     try:
         header = wire.parse_header(bytes(mv[: wire.PREFIX.size]), mv[wire.PREFIX.size : start])
     except wire.FrameError:  # the receiver will refuse it at the header: send the rest as is
-        return out + [mv[start:]]
-    return out + [mv[start + off : start + off + n] for off, n in header.parts() if n]
+        return head, [mv[start:]]
+    return head, [mv[start + off : start + off + n] for off, n in header.parts()]
 
 
 class Channel(Protocol):
@@ -147,9 +171,6 @@ class TokenBucket:
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / self.rate)
 
-    def slices(self, mv: memoryview) -> list[memoryview]:
-        return [mv[i : i + self.burst] for i in range(0, len(mv), self.burst)] or [mv]
-
 
 class ThrottledChannel:
     """A channel whose sends go through a token bucket (the --bandwidth-limit of the benchmark)."""
@@ -158,10 +179,10 @@ class ThrottledChannel:
         self.inner, self.bucket = inner, bucket
 
     async def send(self, buffers: Sequence[memoryview]) -> None:
+        # Whole buffers: message transports (UCX) must keep the receiver's message boundaries.
         for b in buffers:
-            for piece in self.bucket.slices(b):
-                await self.bucket.take(len(piece))
-                await self.inner.send([piece])
+            await self.bucket.take(len(b))
+            await self.inner.send([b])
 
     async def recv_into(self, mv: memoryview) -> None:
         await self.inner.recv_into(mv)
@@ -301,23 +322,29 @@ class KVReceiver(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    async def receive_session(self, ch: Channel) -> None:
-        """Receiver side of the session protocol on one connection."""
+    async def receive_sessions(self, ch: Channel) -> None:
+        """Serve transfers one after another on a connection until it closes or loses sync."""
+        while await self.receive_session(ch):
+            pass
+
+    async def receive_session(self, ch: Channel) -> bool:
+        """Receiver side of the session protocol; True if the connection can carry another
+        (a failed transfer may leave the stream mid-frame: the caller then closes it)."""
         lim = self.limits
         try:
             hello = await recv_msg(ch, lim.max_control_bytes)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            return
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, wire.FrameError):
+            return False
         key, n = hello.get("key"), hello.get("frames")
         if not token_ok(self.token, hello.get("token")):
             self.note_failure("bad token", aborted=False)
             await send_msg(
                 ch, {"ok": False, "error": "missing or wrong token", "unauthorized": True}
             )
-            return
+            return False
         if not isinstance(key, str) or not isinstance(n, int) or not 0 < n <= lim.max_frames:
             await send_msg(ch, {"ok": False, "error": f"bad hello: key {key!r}, frames {n!r}"})
-            return
+            return False
         held = 0
 
         async def frame() -> wire.Block:
@@ -334,9 +361,11 @@ class KVReceiver(abc.ABC):
             held += header.payload_len
             self.pending_bytes += header.payload_len
             pv = memoryview(payload)
-            for off, size in header.parts():
-                if size:
-                    await ch.recv_into(pv[off : off + size])
+            parts = header.parts()
+            for a, b in runs([n for _, n in parts]):
+                off, end = parts[a][0], parts[b - 1][0] + parts[b - 1][1]
+                if end > off:
+                    await ch.recv_into(pv[off:end])
             return wire.decode_payload(header, payload)
 
         try:
@@ -350,6 +379,7 @@ class KVReceiver(abc.ABC):
             self.pending_bytes -= held
             held = 0
             await send_msg(ch, {"ok": True, "bytes": sum(b.nbytes for b in blocks)})
+            return True
         except wire.FrameError as e:
             self.note_failure(str(e), aborted=False)
             try:
@@ -361,6 +391,7 @@ class KVReceiver(abc.ABC):
             self.note_failure(str(e), aborted=True)
         finally:
             self.pending_bytes -= held  # the partial blocks are dropped with this frame
+        return False
 
 
 class KVSender(abc.ABC):
@@ -403,7 +434,15 @@ class KVSender(abc.ABC):
         return TransferResult(key, len(frames), nbytes, time.perf_counter() - t0)
 
     def send_sync(self, key: str, blocks: Sequence[FrameLike]) -> TransferResult:
-        return asyncio.run(self.send(key, blocks))
+        """send() on a private event loop; connections do not outlive the call."""
+
+        async def once() -> TransferResult:
+            try:
+                return await self.send(key, blocks)
+            finally:
+                await self.close()
+
+        return asyncio.run(once())
 
     async def close(self) -> None:
         return None

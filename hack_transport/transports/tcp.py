@@ -56,7 +56,7 @@ class TcpReceiver(KVReceiver):
 
     async def _serve(self, conn: socket.socket) -> None:
         with conn:
-            await self.receive_session(SocketChannel(conn))
+            await self.receive_sessions(SocketChannel(conn))
 
     async def close(self) -> None:
         self._accept.cancel()

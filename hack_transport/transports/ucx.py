@@ -4,6 +4,7 @@ received straight into the payload buffer. Without RDMA, UCX runs over tcp and s
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ class UcxReceiver(KVReceiver):
 
     async def _serve(self, ep: object) -> None:
         try:
-            await self.receive_session(UcxChannel(ep))
+            await self.receive_sessions(UcxChannel(ep))
         finally:
             try:
                 await ep.close()
@@ -49,24 +50,43 @@ class UcxReceiver(KVReceiver):
 
 
 class UcxSender(KVSender):
+    """Keeps its endpoint between transfers (creating one takes tens of ms here); one transfer at
+    a time per sender, on the event loop that made the endpoint. close() ends it."""
+
     def __init__(self, host: str, port: int, **kw: object):
         super().__init__(**kw)
         self.host, self.port = host, port
+        self._ep = None
+        self._lock: asyncio.Lock | None = None
+
+    async def _connect(self):
+        try:
+            return await ucxx.create_endpoint(self.host, self.port)
+        except ucxx.exceptions.UCXError as e:
+            raise ConnectionRefusedError(str(e)) from e
 
     async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
-        async def connect():
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            if self._ep is None or self._ep.closed:
+                where = f"ucx://{self.host}:{self.port}"
+                self._ep = await connect_with_retry(self._connect, self.retry, where)
+            ok = False
             try:
-                return await ucxx.create_endpoint(self.host, self.port)
-            except ucxx.exceptions.UCXError as e:
-                raise ConnectionRefusedError(str(e)) from e
+                ch = self.throttle(_SendChannel(self._ep))
+                ack = await send_session(ch, key, frames, self.token)
+                ok = bool(ack.get("ok"))
+                return ack
+            finally:
+                if not ok:  # the stream may be mid-frame: start afresh next time
+                    await self.close()
 
-        ep = await connect_with_retry(connect, self.retry, f"ucx://{self.host}:{self.port}")
-        try:
-            return await send_session(self.throttle(_SendChannel(ep)), key, frames, self.token)
-        finally:
+    async def close(self) -> None:
+        ep, self._ep = self._ep, None
+        if ep is not None:
             try:
                 await ep.close()
-            except Exception:
+            except Exception:  # already torn down by the peer
                 pass
 
 

@@ -18,6 +18,7 @@ def main() -> None:
 
 # Sub-commands register themselves on `app` when imported.
 from . import (  # noqa: E402
+    bench,  # noqa: F401
     inspect,  # noqa: F401
     serve,  # noqa: F401
 )

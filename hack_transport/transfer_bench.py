@@ -1,0 +1,473 @@
+"""The transfer benchmark behind `hack-kv bench transfer`: KV of real geometry over each transport
+on loopback, 16-bit raw against HACK 2-bit, beside a raw-socket send of the same bytes.
+
+Receivers run in a child process (`python -m hack_transport.transfer_bench serve KIND`), so the
+sender and the receiver each have a core, as prefill and decode would. Every figure is a median
+over repeats; ratios compare numbers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from hack_kernels import HackConfig, quantize_kv
+
+from . import wire
+from .transports import make_receiver, make_sender
+from .transports.tcp import tune
+
+# (layers, kv heads, head_dim) of the published configs.
+GEOMETRY = {"llama-8b": (32, 8, 128), "mistral-7b": (32, 8, 128), "smollm2": (30, 3, 64)}
+BLOCK_TOKENS = 256  # an LMCache chunk; a multiple of every partition
+RAW = "raw-socket"
+
+
+@dataclass
+class Row:
+    workload: str
+    tokens: int
+    codec: str
+    transport: str
+    bandwidth_gbit: float | None
+    wire_bytes: int
+    bytes_16bit: int
+    bytes_ratio: float
+    seconds: float
+    payload_gbps: float  # GB/s of bytes on the wire
+    equiv_gbps: float  # GB/s of 16-bit KV delivered
+    encode_s: float
+    decode_s: float
+    vs_raw_socket: float | None = None
+
+
+def parse_bandwidth(text: str) -> float | None:
+    """'10gbit' / '40Gbps' / '500mbit' / 'none' -> bits per second."""
+    t = text.strip().lower().replace("bps", "bit")
+    if t in ("", "none", "0"):
+        return None
+    for unit, mult in (("gbit", 1e9), ("mbit", 1e6), ("g", 1e9), ("m", 1e6)):
+        if t.endswith(unit):
+            return float(t[: -len(unit)]) * mult
+    return float(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads: K and V of real geometry.
+
+
+def synthetic_kv(
+    layers: int, heads: int, head_dim: int, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of random fp16 K and V; every layer reuses it (sizes do not depend on values)."""
+    g = torch.Generator().manual_seed(0)
+    k = (torch.randn(1, heads, tokens, head_dim, generator=g) * 2).half()
+    v = torch.randn(1, heads, tokens, head_dim, generator=g).half()
+    return k, v
+
+
+@dataclass
+class Workload:
+    """A named K/V source: load() returns per-layer fp16 K and V [1, heads, tokens, head_dim]."""
+
+    name: str
+    tokens: int
+    load: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
+def synthetic_workload(name: str, tokens: int) -> Workload:
+    if name not in GEOMETRY:
+        raise ValueError(f"unknown geometry {name!r}; known: {sorted(GEOMETRY)}")
+    layers, heads, d = GEOMETRY[name]
+
+    def load():
+        k, v = synthetic_kv(layers, heads, d, tokens)
+        return [k] * layers, [v] * layers
+
+    return Workload(name, tokens, load)
+
+
+@dataclass
+class Payload:
+    codec: str
+    frames: list[list[wire.Buffer]]  # encoded, ready to send
+    wire_bytes: int
+    bytes_16bit: int
+    encode_s: float
+    decode_s: float
+
+
+def _cpu_time(fn: Callable[[], object], repeat: int) -> tuple[object, float]:
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        out = fn()
+        times.append(time.thread_time() - t0)
+    return out, statistics.median(times)
+
+
+def _encode(split: Callable[[], list[wire.Block]]) -> list[list[wire.Buffer]]:
+    return [wire.encode_block(b) for b in split()]
+
+
+def _decode(stored: list[bytes], model: wire.ModelIdentity) -> list[wire.Block]:
+    return [wire.decode_frame(f, expect_model=model) for f in stored]
+
+
+def build_payloads(
+    name: str,
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    partitions: Sequence[int],
+    repeat: int,
+) -> list[Payload]:
+    """Encode the same K and V as raw16 and as HACK at each partition; time encode and decode."""
+    layers, (_, heads, _, head_dim) = len(ks), ks[0].shape
+    n16 = 2 * 2 * layers * ks[0].numel()
+    out = []
+    for p in [None, *partitions]:
+        cfg = None if p is None else HackConfig(partition=p)
+        model = wire.model_identity(name, layers, heads, head_dim, torch.float16, cfg)
+        if cfg is None:
+            split = functools.partial(wire.split_raw, ks, vs, BLOCK_TOKENS, model)
+        else:
+            # Quantization is the prefill's job, not the wire's: done once, outside the timing.
+            uniq: dict[int, object] = {}
+            for k, v in zip(ks, vs, strict=True):
+                if id(k) not in uniq:  # synthetic workloads repeat one layer
+                    uniq[id(k)] = quantize_kv(k, v, cfg)
+            split = functools.partial(wire.split_kv, [uniq[id(k)] for k in ks], BLOCK_TOKENS, model)
+        frames, enc_s = _cpu_time(functools.partial(_encode, split), repeat)
+        stored = [b"".join(f) for f in frames]
+        _, dec_s = _cpu_time(functools.partial(_decode, stored, model), repeat)
+        del stored
+        wire_bytes = sum(memoryview(x).nbytes for f in frames for x in f)
+        codec = "raw16" if p is None else f"hack-p{p}"
+        out.append(Payload(codec, frames, wire_bytes, n16, enc_s, dec_s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Receivers (child process) and the raw-socket baseline.
+
+
+def _raw_serve() -> None:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    print(lsock.getsockname()[1], flush=True)
+    while True:
+        conn, _ = lsock.accept()
+        tune(conn)
+        conn.setblocking(True)
+        with conn:
+            head = bytearray(8)
+            if _recv_exact(conn, memoryview(head)):
+                buf = bytearray(int.from_bytes(head, "little"))
+                if _recv_exact(conn, memoryview(buf)):
+                    conn.sendall(b"\1")
+
+
+def _recv_exact(conn: socket.socket, mv: memoryview) -> bool:
+    got = 0
+    while got < len(mv):
+        k = conn.recv_into(mv[got:])
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+def _serve(kind: str) -> None:
+    if kind == RAW:
+        return _raw_serve()
+
+    async def main() -> None:
+        rcv = make_receiver(kind, commit=lambda key, blocks: None)
+        _, port = await rcv.start()
+        print(port, flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def raw_socket_send(port: int, frames: list[list[wire.Buffer]], bandwidth: float | None) -> float:
+    """Blocking sendall of the same buffers, after an 8-byte length; returns seconds to the ack."""
+    bufs = [memoryview(x).cast("B") for f in frames for x in f]
+    total = sum(len(b) for b in bufs)
+    bucket_rate, burst = (bandwidth / 8, 256 << 10) if bandwidth else (None, 0)
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        tune(s)
+        s.setblocking(True)
+        s.sendall(total.to_bytes(8, "little"))
+        sent = 0
+        for b in bufs:
+            for i in range(0, len(b), burst or len(b) or 1):
+                piece = b[i : i + burst] if burst else b
+                if bucket_rate:  # same pacing as transports' TokenBucket: ahead of schedule -> wait
+                    ahead = (sent + len(piece) - burst) / bucket_rate - (time.perf_counter() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                s.sendall(piece)
+                sent += len(piece)
+        if s.recv(1) != b"\1":
+            raise ConnectionError("raw-socket receiver did not acknowledge")
+    return time.perf_counter() - t0
+
+
+class ReceiverProcess:
+    def __init__(self, kind: str):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hack_transport.transfer_bench", "serve", kind],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise RuntimeError(f"{kind} receiver did not start (got {line!r})")
+        self.port = int(line)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+_LOOP = asyncio.new_event_loop()  # one loop for every sender, so UCX keeps its endpoints
+_SENDERS: dict[tuple, object] = {}
+
+
+def send_once(kind: str, port: int, frames: list, bandwidth: float | None) -> float:
+    """Seconds from the first byte to the receiver's acknowledgement of the whole transfer."""
+    if kind == RAW:
+        return raw_socket_send(port, frames, bandwidth)
+    key = (kind, port, bandwidth)
+    if key not in _SENDERS:
+        bw = bandwidth / 8 if bandwidth else None
+        _SENDERS[key] = make_sender(kind, "127.0.0.1", port, bandwidth=bw, timeout=600)
+    res = _LOOP.run_until_complete(_SENDERS[key].send(f"bench-{time.monotonic_ns()}", frames))
+    return res.seconds
+
+
+def close_senders() -> None:
+    for s in _SENDERS.values():
+        _LOOP.run_until_complete(s.close())
+    _SENDERS.clear()
+
+
+def run_benchmark(
+    workloads: Sequence[Workload],
+    transports: Sequence[str],
+    partitions: Sequence[int] = (32, 64, 128),
+    bandwidths: Sequence[float | None] = (None,),
+    repeat: int = 3,
+    progress: bool = True,
+) -> dict:
+    """Every workload x codec x transport (raw socket included) x bandwidth, `repeat` times."""
+    from tqdm import tqdm
+
+    kinds = [RAW, *[t for t in transports if t != RAW]]
+    servers = {k: ReceiverProcess(k) for k in kinds}
+    rows: list[Row] = []
+    try:
+        for k, srv in servers.items():  # warm up connections and imports
+            send_once(k, srv.port, [[b"\0" * 64]] if k == RAW else _tiny_frames(), None)
+        for wl in workloads:
+            ks, vs = wl.load()
+            name, tokens = wl.name, ks[0].shape[2]
+            payloads = build_payloads(name, ks, vs, partitions, repeat)
+            del ks, vs
+            jobs = [
+                (pl, kind, bw)
+                for bw in bandwidths
+                for pl in payloads
+                if bw is None or pl.codec in ("raw16", "hack-p64")
+                for kind in kinds
+            ]
+            bar = tqdm(jobs, desc=f"{name} {tokens} tokens", disable=not progress, unit="run")
+            for pl, kind, bw in bar:
+                bar.set_postfix_str(f"{pl.codec} {kind} {bw / 1e9 if bw else 'max'}")
+                secs = statistics.median(
+                    send_once(kind, servers[kind].port, pl.frames, bw) for _ in range(repeat)
+                )
+                rows.append(
+                    Row(
+                        workload=name,
+                        tokens=tokens,
+                        codec=pl.codec,
+                        transport=kind,
+                        bandwidth_gbit=bw / 1e9 if bw else None,
+                        wire_bytes=pl.wire_bytes,
+                        bytes_16bit=pl.bytes_16bit,
+                        bytes_ratio=pl.wire_bytes / pl.bytes_16bit,
+                        seconds=secs,
+                        payload_gbps=pl.wire_bytes / secs / 1e9,
+                        equiv_gbps=pl.bytes_16bit / secs / 1e9,
+                        encode_s=pl.encode_s,
+                        decode_s=pl.decode_s,
+                    )
+                )
+            del payloads
+    finally:
+        close_senders()
+        for srv in servers.values():
+            srv.close()
+    for r in rows:
+        base = next(
+            x
+            for x in rows
+            if x.transport == RAW
+            and (x.workload, x.tokens, x.codec, x.bandwidth_gbit)
+            == (r.workload, r.tokens, r.codec, r.bandwidth_gbit)
+        )
+        r.vs_raw_socket = base.seconds / r.seconds
+    return {"meta": _meta(), "rows": [asdict(r) for r in rows], "summary": summarize(rows)}
+
+
+def _tiny_frames() -> list:
+    k = torch.zeros(1, 1, 16, 8, dtype=torch.float16)
+    model = wire.model_identity("warmup", 1, 1, 8, torch.float16, None)
+    return [wire.encode_block(b) for b in wire.split_raw([k], [k], 16, model)]
+
+
+def summarize(rows: list[Row]) -> dict:
+    """The issue's targets, from the rows of this run."""
+    out: dict = {"bytes_ratio": {}, "vs_raw_socket": {}, "encode_decode_fraction_40gbit": {}}
+    for r in rows:
+        if r.codec.startswith("hack") and r.transport == RAW and r.bandwidth_gbit is None:
+            out["bytes_ratio"][f"{r.workload}@{r.tokens} {r.codec}"] = round(r.bytes_ratio, 5)
+        if r.transport != RAW and r.bandwidth_gbit is None:
+            key = f"{r.transport} {r.workload}@{r.tokens} {r.codec}"
+            out["vs_raw_socket"][key] = round(r.vs_raw_socket, 3)
+        if r.codec == "hack-p64" and r.bandwidth_gbit == 40 and r.transport != RAW:
+            key = f"{r.transport} {r.workload}@{r.tokens}"
+            out["encode_decode_fraction_40gbit"][key] = {
+                "measured_transfer": round((r.encode_s + r.decode_s) / r.seconds, 4),
+                "ideal_40gbit_link": round(
+                    (r.encode_s + r.decode_s) / (r.wire_bytes * 8 / 40e9), 4
+                ),
+            }
+    by_transport: dict[str, list[float]] = {}
+    for key, v in out["vs_raw_socket"].items():
+        by_transport.setdefault(key.split()[0], []).append(v)
+    out["vs_raw_socket_median"] = {
+        k: round(statistics.median(v), 3) for k, v in by_transport.items()
+    }
+    return out
+
+
+def _meta() -> dict:
+    def version(mod: str) -> str | None:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except OSError:
+        commit = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {m: version(m) for m in ("torch", "grpc", "ucxx", "msgpack", "xxhash")},
+        "device": "CPU loopback (receiver in a child process)",
+        "block_tokens": BLOCK_TOKENS,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    first = (rows[0]["workload"], rows[0]["tokens"])
+    sel = [r for r in rows if (r["workload"], r["tokens"]) == first]
+    codecs = sorted({r["codec"] for r in sel}, key=lambda c: (c != "raw16", c))
+    kinds = list(dict.fromkeys(r["transport"] for r in sel))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    width = 0.8 / len(codecs)
+    for i, c in enumerate(codecs):
+        vals = [
+            next(
+                (
+                    r["equiv_gbps"]
+                    for r in sel
+                    if r["codec"] == c and r["transport"] == k and r["bandwidth_gbit"] is None
+                ),
+                0,
+            )
+            for k in kinds
+        ]
+        ax.bar([j + i * width for j in range(len(kinds))], vals, width, label=c)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds))], kinds)
+    ax.set_ylabel("16-bit-equivalent GB/s")
+    ax.set_title(f"{first[0]}, {first[1]} tokens, loopback, no limit")
+    ax.legend()
+    ax = axes[1]
+    bws = sorted({r["bandwidth_gbit"] for r in sel if r["bandwidth_gbit"]})
+    for c in ("raw16", "hack-p64"):
+        for k in kinds:
+            pts = [
+                (b, r["seconds"])
+                for b in bws
+                for r in sel
+                if r["codec"] == c and r["transport"] == k and r["bandwidth_gbit"] == b
+            ]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o",
+                    ls="-" if c == "hack-p64" else "--",
+                    label=f"{c} {k}",
+                )
+    ax.set_xlabel("emulated link (Gbit/s)")
+    ax.set_ylabel("seconds per request")
+    ax.set_title("transfer time under a token-bucket link")
+    if bws:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(result: dict, out_dir: Path, stem: str = "transfer") -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, png = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    js.write_text(json.dumps(result, indent=1))
+    plot(result, png)
+    return js, png
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "serve":
+    _serve(sys.argv[2])
