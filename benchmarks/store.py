@@ -47,6 +47,8 @@ SETUPS = {
     "write_through": ["--cpu", "2G", "--disk", "4G"],
     "disk_reads": ["--cpu", "0", "--disk", "4G"],
 }
+# Where CUDA is present: values held in the GPU tier (copied to the host on every get).
+GPU_SETUP = {"gpu_tier": ["--no-disk", "--cpu", "2G", "--gpu", "2G"]}
 
 
 def make_frames() -> dict[str, bytes]:
@@ -224,7 +226,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "store.json"))
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--machine", default=None, help="how to describe the machine in the results")
+    ap.add_argument("--commit", default=None, help="commit to record (default: git rev-parse)")
     args = ap.parse_args()
+    setups = {**SETUPS, **(GPU_SETUP if torch.cuda.is_available() else {})}
     frames = make_frames()
     n_hack, n_raw = len(frames["hack"]), len(frames["raw16"])
     bytes_16 = 2 * 2 * LAYERS * KV_HEADS * CHUNK * HEAD_DIM
@@ -236,12 +241,13 @@ def main() -> None:
         if not args.quick
         else {"hack": (10, 40), "raw16": (4, 12)}
     )
-    total = len(SETUPS) * len(TRANSPORTS) * sum(p + 2 * g for p, g in reps.values())
+    total = len(setups) * len(TRANSPORTS) * sum(p + 2 * g for p, g in reps.values())
     result = {
         "benchmark": "store",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), loopback",
+        "commit": args.commit or commit(),
+        "load_average_at_start": os.getloadavg(),
+        "machine": args.machine or f"{platform.machine()}, {os.cpu_count()} CPUs, loopback",
         "versions": versions(),
         "geometry": {
             "layers": LAYERS,
@@ -263,7 +269,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="hack-kv-bench-") as tmp,
         tqdm(total=total, unit="op") as bar,
     ):
-        for setup, flags in SETUPS.items():
+        for setup, flags in setups.items():
             for transport in TRANSPORTS:
                 name = f"{setup}/{transport}"
                 result["setups"][name] = {}

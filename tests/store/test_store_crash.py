@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -109,6 +110,12 @@ def test_sigterm_finishes_in_flight_puts_and_discards_stalled_ones(start_server,
     stalled.join(20)  # the second is cancelled when the grace period ends
     late_gate.set()
     assert server.proc.wait(20) == 0
+    events = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    assert [e["msg"] for e in events if e["msg"] in ("serving", "draining", "stopped")] == [
+        "serving",
+        "draining",
+        "stopped",
+    ]
     assert results["finishing"] == "cpu"
     assert isinstance(results["stalled"], Exception)
     again = start_server("--disk-dir", disk)

@@ -274,3 +274,20 @@ def test_get_into_a_preallocated_buffer(start_server, shm):
             c.get_into(key(9), bytearray(1000))
         with pytest.raises(ValueError, match="writable"):
             c.get_into(key(9), b"x" * 10)
+
+
+def test_unreachable_service_fails_clearly_after_retries():
+    import socket
+    import time
+
+    from hack_transport.store.client import StoreClient
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = StoreClient(f"127.0.0.1:{port}", timeout=2, retries=2, backoff=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match="UNAVAILABLE"):
+        c.put(key(1), b"v")
+    assert time.monotonic() - t0 < 10
+    c.close()
