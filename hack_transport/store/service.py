@@ -69,6 +69,7 @@ class ServeConfig:
     max_chunk_bytes: int = 256 << 20
     piece_bytes: int = 1 << 20
     max_message_bytes: int = 16 << 20
+    max_inflight_bytes: int = 2 << 30  # puts being received at once, whole values buffered
     workers: int = 8
     max_concurrent_rpcs: int = 64
     metrics_port: int | None = None
@@ -84,6 +85,29 @@ class ServeConfig:
 
 class _Draining(StoreError):
     pass
+
+
+class ByteBudget:
+    """Bounds the bytes of puts being received at once (each buffers its whole value)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        with self._lock:
+            if self.used + n > self.limit:
+                raise CapacityError(
+                    f"server busy: {self.used} bytes of puts in flight, limit {self.limit}; retry later"
+                )
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= n
 
 
 def _frame_validator():
@@ -111,6 +135,7 @@ class StoreServicer(pb_grpc.KVStoreServicer):
         self.config = config
         self.metrics = metrics
         self.draining = False
+        self.inflight = ByteBudget(config.max_inflight_bytes)
         self._validate = _frame_validator() if config.verify_frames else None
 
     @contextlib.contextmanager
@@ -136,7 +161,7 @@ class StoreServicer(pb_grpc.KVStoreServicer):
             self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
     def Put(self, request_iterator: Iterator[pb.PutRequest], context) -> pb.PutReply:
-        with self._rpc("Put", context):
+        with self._rpc("Put", context), contextlib.ExitStack() as held:
             if self.draining:
                 raise _Draining("the store is shutting down; put refused")
             key, total, want, pieces, got = None, 0, 0, [], 0
@@ -148,6 +173,7 @@ class StoreServicer(pb_grpc.KVStoreServicer):
                         raise ChunkTooLargeError(
                             f"chunk of {total} bytes exceeds the store's limit of {self.store.max_chunk_bytes}"
                         )
+                    held.enter_context(self.inflight.hold(total))
                 data = msg.data
                 got += len(data)
                 if got > total:
@@ -218,18 +244,21 @@ class StoreServicer(pb_grpc.KVStoreServicer):
                 raise ChunkTooLargeError(
                     f"chunk of {total} bytes exceeds the store's limit of {self.store.max_chunk_bytes}"
                 )
-            fd = self._exchange(request.path, context)
-            try:
-                value = read_exact(fd, total)
-            except ShmUnavailable as e:
-                raise InvalidRequestError(str(e)) from None
-            finally:
-                os.close(fd)
-            if xxhash.xxh3_64_intdigest(value) != request.xxh3:
-                raise InvalidRequestError("value does not match its xxh3 checksum; nothing stored")
-            if self._validate is not None:
-                self._validate(value)
-            tier = self.store.put(key, value, request.xxh3)
+            with self.inflight.hold(total):
+                fd = self._exchange(request.path, context)
+                try:
+                    value = read_exact(fd, total)
+                except ShmUnavailable as e:
+                    raise InvalidRequestError(str(e)) from None
+                finally:
+                    os.close(fd)
+                if xxhash.xxh3_64_intdigest(value) != request.xxh3:
+                    raise InvalidRequestError(
+                        "value does not match its xxh3 checksum; nothing stored"
+                    )
+                if self._validate is not None:
+                    self._validate(value)
+                tier = self.store.put(key, value, request.xxh3)
             self.metrics.bytes_in.inc(total)
             return pb.PutReply(tier=tier)
 

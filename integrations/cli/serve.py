@@ -53,6 +53,9 @@ def serve_command(
         True, help="Let same-host clients exchange values through /dev/shm files (GetShm/PutShm)."
     ),
     workers: int = typer.Option(8, help="RPC worker threads."),
+    max_inflight: str = typer.Option(
+        "2GiB", help="Bytes of puts received at once (more: RESOURCE_EXHAUSTED, retry later)."
+    ),
     metrics_port: int = typer.Option(
         None, help="Prometheus /metrics HTTP port (0: any free port)."
     ),
@@ -83,6 +86,7 @@ def serve_command(
             verify_frames=verify_frames,
             max_chunk_bytes=parse_bytes(max_chunk),
             workers=workers,
+            max_inflight_bytes=parse_bytes(max_inflight),
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             token=token,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -14,7 +15,13 @@ import xxhash
 
 from hack_transport.proto import hack_kv_store_pb2 as pb
 from hack_transport.proto import hack_kv_store_pb2_grpc as pb_grpc
-from hack_transport.store import AuthError, ChunkKey, ChunkSpec, StoreUnavailableError
+from hack_transport.store import (
+    AuthError,
+    CapacityError,
+    ChunkKey,
+    ChunkSpec,
+    StoreUnavailableError,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -278,7 +285,6 @@ def test_get_into_a_preallocated_buffer(start_server, shm):
 
 def test_unreachable_service_fails_clearly_after_retries():
     import socket
-    import time
 
     from hack_transport.store.client import StoreClient
 
@@ -291,3 +297,31 @@ def test_unreachable_service_fails_clearly_after_retries():
         c.put(key(1), b"v")
     assert time.monotonic() - t0 < 10
     c.close()
+
+
+def test_bytes_of_puts_in_flight_are_bounded(start_server):
+    server = start_server("--no-disk", "--max-inflight", "1M")
+    v = np.random.default_rng(5).integers(0, 256, 800_000, dtype=np.uint8).tobytes()
+    release = threading.Event()
+
+    def slow_stream():
+        yield pb.PutRequest(key=pb.ChunkKey(model="svc@1", chunk_hash=bytes(16)), total_size=len(v),
+                            xxh3=xxhash.xxh3_64_intdigest(v), data=v[:1000])  # fmt: skip
+        release.wait(20)
+        yield pb.PutRequest(data=v[1000:])
+
+    stub = pb_grpc.KVStoreStub(grpc.insecure_channel(server.address))
+    slow = stub.Put.future(slow_stream(), timeout=30)
+    with server.client(retries=0) as c:
+        deadline = time.monotonic() + 10
+        while True:  # the slow put holds 800 kB of the 1 MB budget once its first message is in
+            try:
+                c.put(key(2), v)
+            except CapacityError as e:
+                assert "server busy" in str(e) and "RESOURCE_EXHAUSTED" in str(e)
+                break
+            c.delete(key(2))
+            assert time.monotonic() < deadline, "the budget never filled"
+        release.set()
+        assert slow.result().tier == "cpu"
+        assert c.put(key(2), v) == "cpu" and c.get(key(2)) == v  # room again once it finished
