@@ -18,7 +18,9 @@ CLI = "from hack_integrations.cli import main; main()"
 class ServerProcess:
     """One `hack-kv serve` child: port 0, ready file, logs kept for failure messages."""
 
-    def __init__(self, workdir: Path, *args: str, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *args: str, prefix: list[str] | None = None, env: dict | None = None
+    ) -> None:
         self.workdir = workdir
         self.ready = workdir / f"ready-{time.monotonic_ns()}.json"
         self.log = open(workdir / "server.log", "ab")
@@ -33,7 +35,7 @@ class ServerProcess:
             str(self.ready),
             *args,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             (prefix or []) + cmd, stdout=self.log, stderr=self.log, env=env
         )
@@ -81,8 +83,10 @@ def start_server(tmp_path):
     """start_server(*cli_args) -> ServerProcess; every server is stopped at teardown."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, prefix: list[str] | None = None) -> ServerProcess:
-        s = ServerProcess(tmp_path, *args, prefix=prefix)
+    def start(
+        *args: str, prefix: list[str] | None = None, env: dict | None = None
+    ) -> ServerProcess:
+        s = ServerProcess(tmp_path, *args, prefix=prefix, env=env)
         started.append(s)
         return s
 

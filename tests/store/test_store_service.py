@@ -325,3 +325,15 @@ def test_bytes_of_puts_in_flight_are_bounded(start_server):
         release.set()
         assert slow.result().tier == "cpu"
         assert c.put(key(2), v) == "cpu" and c.get(key(2)) == v  # room again once it finished
+
+
+def test_embedded_defaults_keep_chunks_under_the_cache_dir(start_server, tmp_path):
+    cache = tmp_path / "xdg"
+    server = start_server("--cpu", "1M", env={"XDG_CACHE_HOME": str(cache)})
+    with server.client() as c:
+        assert c.put(key(1), b"default tiers") == "cpu"
+    assert server.stop() == 0
+    assert len(list((cache / "hack-kv" / "store" / "chunks").glob("*/*.hkc"))) == 1
+    again = start_server("--cpu", "1M", env={"XDG_CACHE_HOME": str(cache)})
+    with again.client() as c:
+        assert c.get(key(1)) == b"default tiers"
