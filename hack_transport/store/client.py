@@ -105,7 +105,8 @@ class StoreClient:
         self.piece_bytes = piece_bytes
         if shm is None:
             shm = _is_loopback(address) and os.path.isdir(SHM_DIR)
-        self._shm = ExchangeFiles() if shm else None
+        self._shm = ExchangeFiles() if shm else None  # closed by close(), never before
+        self._use_shm = bool(shm)
         self._finalizer = weakref.finalize(self, _close_all, self._channel, self._shm)
 
     def _call(self, fn: Callable[[], object]) -> object:
@@ -126,9 +127,7 @@ class StoreClient:
             grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.UNIMPLEMENTED,
         ):
-            shm, self._shm = self._shm, None
-            if shm is not None:
-                shm.close()
+            self._use_shm = False
             return True
         return False
 
@@ -136,7 +135,7 @@ class StoreClient:
         """Store `value`; returns the tier that took it once the service has committed it."""
         mv = memoryview(value).cast("B")
         n, step, checksum = len(mv), self.piece_bytes, xxhash.xxh3_64_intdigest(mv)
-        if self._shm is not None:
+        if self._use_shm:
             try:
                 fd, path = self._shm.get()
                 write_all(fd, mv)
@@ -147,6 +146,8 @@ class StoreClient:
             except StoreError as e:
                 if not self._shm_refused(e):
                     raise
+            except OSError:  # this host's /dev/shm is full or unwritable: stream from now on
+                self._use_shm = False
 
         def pieces():
             yield pb.PutRequest(
@@ -212,7 +213,7 @@ class StoreClient:
             return verified(value, got, total, want)
 
         try:
-            if self._shm is not None:
+            if self._use_shm:
                 try:
                     return self._call(fetch_shm)
                 except StoreError as e:

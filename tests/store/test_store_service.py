@@ -263,7 +263,7 @@ def test_shared_memory_exchange_is_checked_and_falls_back(start_server, tmp_path
     plain = start_server("--no-disk", "--no-shm")
     with plain.client(shm=True) as c:
         assert c.put(key(5), b"x" * 3000) == "cpu" and c.get(key(5)) == b"x" * 3000
-        assert c._shm is None  # it gave up on shared memory after the first refusal
+        assert c._use_shm is False  # it gave up on shared memory after the first refusal
 
 
 @pytest.mark.parametrize("shm", [True, False], ids=["shm", "stream"])
