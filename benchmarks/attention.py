@@ -31,7 +31,7 @@ from hack_kernels.triton import launch  # noqa: E402
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 from hack_kernels.triton.paged_cache import PagedHackCache  # noqa: E402
 from hack_kernels.triton.prefill import attend_quantized, prefill_attention  # noqa: E402
-from hack_kernels.triton.quantize import quantize_kv_triton  # noqa: E402
+from hack_kernels.triton.quantize import quantize_groups_triton, quantize_kv_triton  # noqa: E402
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
 MODELS = {"llama8b_d128": (32, 8, 128), "d64": (32, 8, 64)}
@@ -93,19 +93,25 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     key = ("decode", d, cfg.partition)
     if tune:
         best = None
-        for nw, waves, pre in [
-            (w, v, f) for w in (4, 8) for v in (4, 8, 16) for f in (True, False)
-        ]:
-            if True:
-                launch.TUNED[key] = {
-                    "num_warps": nw,
-                    "num_stages": 1,
-                    "waves": waves,
-                    "PREFETCH": pre,
-                }
-                us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
-                if best is None or us < best[0]:
-                    best = (us, dict(launch.TUNED[key]))
+        grid = [
+            (w, v, f, d16)
+            for w in (4, 8)
+            for v in (4, 16)
+            for f in (False, True)
+            for d16 in (False, True)
+        ]
+        for nw, waves, pre, d16 in grid:
+            launch.TUNED[key] = {
+                "num_warps": nw,
+                "num_stages": 1,
+                "waves": waves,
+                "PREFETCH": pre,
+                "DOT16": d16,
+            }
+            us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
+            print(f"    {launch.TUNED[key]}: {us:.1f} us", flush=True)
+            if best is None or us < best[0]:
+                best = (us, dict(launch.TUNED[key]))
         launch.TUNED[key] = best[1]
         print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
     t_hack = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
@@ -143,24 +149,22 @@ def prefill_case(model, s, cfg, rows, tune):
     key = ("prefill", d, cfg.partition)
     if tune:
         best = None
-        for bp in (64, 128):
-            for nw in (4, 8):
-                for ns in (1, 2):
-                    launch.TUNED[key] = {
-                        "BLOCK_P": bp,
-                        "num_warps": nw,
-                        "num_stages": ns,
-                        "PREFETCH": False,
-                    }
-                    try:
-                        us = bench(lambda: attend_quantized(q, qkv), graph=False)
-                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                        print(
-                            f"  config {launch.TUNED[key]} failed: {type(e).__name__}", flush=True
-                        )
-                        continue
-                    if best is None or us < best[0]:
-                        best = (us, dict(launch.TUNED[key]))
+        for bp, nw, d16 in [(b_, w, f) for b_ in (64, 128) for w in (4, 8) for f in (False, True)]:
+            launch.TUNED[key] = {
+                "BLOCK_P": bp,
+                "num_warps": nw,
+                "num_stages": 1,
+                "PREFETCH": False,
+                "DOT16": d16,
+            }
+            try:
+                us = bench(lambda: attend_quantized(q, qkv), graph=False)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                print(f"  config {launch.TUNED[key]} failed: {type(e).__name__}", flush=True)
+                continue
+            print(f"    {launch.TUNED[key]}: {us:.1f} us", flush=True)
+            if best is None or us < best[0]:
+                best = (us, dict(launch.TUNED[key]))
         launch.TUNED[key] = best[1]
         print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
 
@@ -194,23 +198,29 @@ def quantize_case(cfg, copy_tbps, rows):
     v = torch.randn_like(k)
     key = ("quantize", 0, cfg.partition)
     best = None
-    for br in (32, 64, 128, 256):
+    for br in (32, 64, 128):
         for nw in (4, 8):
             launch.TUNED[key] = {"BLOCK_R": br, "num_warps": nw}
-            us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
+            us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False))
+            print(f"    {launch.TUNED[key]}: {us:.1f} us", flush=True)
             if best is None or us < best[0]:
                 best = (us, dict(launch.TUNED[key]))
     launch.TUNED[key] = best[1]
     print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
-    us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
+    us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False))
+    args = dict(bits=cfg.bits, partition=cfg.partition)
+    us_k = bench(lambda: quantize_groups_triton(k.transpose(-1, -2), -2, **args))
+    us_v = bench(lambda: quantize_groups_triton(v, -2, **args))
+    print(f"  K alone {us_k:.1f} us, V alone {us_v:.1f} us", flush=True)
     qkv = quantize_kv_triton(k, v, cfg, validate=False)
     moved = 2 * k.numel() * 2 + qkv.k_q.nbytes + qkv.v_q.nbytes
     tbps = moved / us / 1e6
     kk = torch.empty_like(k)
-    us_copy = bench(lambda: (kk.copy_(k), kk.copy_(v)), graph=False)
+    us_copy = bench(lambda: (kk.copy_(k), kk.copy_(v)))
     copy_same = 2 * 2 * k.numel() * 2 / us_copy / 1e6
     rows.append({
         "kind": "quantize", "tokens": 65536, "kv_heads": 8, "head_dim": 128, "us": us,
+        "k_only_us": us_k, "v_only_us": us_v,
         "tbps_read_plus_written": tbps, "copy_tbps": copy_tbps, "copy_same_tensors_tbps": copy_same,
         "fraction_of_copy": tbps / copy_tbps,
     })  # fmt: skip
@@ -253,6 +263,10 @@ def main() -> None:
             d = MODELS[model][2]
             prefill_case(model, s, cfg, rows, tune=("prefill", d) not in tuned)
             tuned.add(("prefill", d))
+    for key, ck in launch.LAST_COMPILED.items():
+        info = {a: getattr(ck, a, None) for a in ("n_regs", "n_spills")}
+        info["shared"] = getattr(getattr(ck, "metadata", None), "shared", None)
+        print(f"compiled {key}: {info}", flush=True)
     meta = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hack_kernels import HackConfig, quantize_kv, reference_attention  # noqa: E402
 from hack_kernels.quantize import quantize_groups  # noqa: E402
+from hack_kernels.triton import launch  # noqa: E402
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 from hack_kernels.triton.paged_cache import PagedHackCache  # noqa: E402
 from hack_kernels.triton.prefill import prefill_attention  # noqa: E402
@@ -63,7 +64,20 @@ def check_prefill(results):
 
 
 def check_decode(results):
-    for d, p, sinks, lens in ((128, 64, 4, [8191, 3000, 65, 1]), (64, 32, 0, [4096, 31, 700])):
+    cases = [(128, 64, 4, [8191, 3000, 65, 1]), (64, 32, 0, [4096, 31, 700])]
+    for variant in ({"PREFETCH": False, "DOT16": False}, {"PREFETCH": True, "DOT16": True}):
+        for d, p, _, _ in cases:
+            launch.TUNED[("decode", d, p)] = {**launch.DEFAULTS["decode"], **variant}
+            launch.TUNED[("prefill", d, p)] = {
+                **launch.DEFAULTS["prefill"],
+                "DOT16": variant["DOT16"],
+            }
+        _check_decode_cases(results, cases, variant)
+        check_prefill(results) if variant["DOT16"] else None
+
+
+def _check_decode_cases(results, cases, variant):
+    for d, p, sinks, lens in cases:
         cfg = HackConfig(partition=p, sink_tokens=sinks)
         n = len(lens)
         cache = PagedHackCache(
@@ -85,7 +99,7 @@ def check_decode(results):
         out = torch.full(q.shape, float("nan"), device="cuda")
         decode_attention(q, cache, out=out)
         errs = [rel(out[i : i + 1], reference_attention(q[i : i + 1], qkvs[i])) for i in range(n)]
-        results.append({"check": "decode", "d": d, "partition": p, "lens": lens, "rel_err": errs,
+        results.append({"check": "decode", "d": d, "partition": p, "lens": lens, "rel_err": errs, **variant,
                         "ok": max(errs) <= TOL})  # fmt: skip
 
 

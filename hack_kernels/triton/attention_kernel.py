@@ -44,11 +44,22 @@ def _quant8_rows(x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _unpack_rows(raw, R: tl.constexpr, BITS: tl.constexpr):
-    """Gathered bytes [R, C] (row i holds the byte of code i) -> int8 codes [R, C]."""
+def _unpack(b, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
+    """uint8 [R, C] packed codes -> int8 [R, C * 8 // BITS], little-endian element order."""
     PER: tl.constexpr = 8 // BITS
-    sh = ((tl.arange(0, R) % PER) * BITS).to(tl.uint8)
-    return ((raw >> sh[:, None]) & ((1 << BITS) - 1)).to(tl.int8)
+    sh = (tl.arange(0, PER) * BITS).to(tl.uint8)
+    x = (b[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(x, (R, C * PER)).to(tl.int8)
+
+
+@triton.jit
+def _int_dot(a, b, DOT16: tl.constexpr):
+    """Exact integer product of int8 codes: int8 tensor cores, or fp16 ones (codes and every
+    partial sum are integers below 2^24, exact in fp16 x fp16 -> fp32)."""
+    if DOT16:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
 
 
 @triton.jit
@@ -125,12 +136,8 @@ def _load_page(
     tok = tl.arange(0, PART)
     dch = tl.arange(0, D)
     pg = tl.load(bt_ptr + b * sbt_b + j, mask=ok, other=0).to(tl.int64)
-    # Codes are read already in the orientation of the product (K^T: [GW, tokens], V: [tokens,
-    # D]), each byte once per code it holds (L1 serves the repeats); _unpack then needs no
-    # reshape or transpose.
-    e = tl.arange(0, GW)
-    kptr = kc_ptr + b.to(tl.int64) * skc_b + pg * skc_p + kvh * skc_h + tok[None, :] * skc_t
-    kptr += (e // PER)[:, None]
+    kptr = kc_ptr + b.to(tl.int64) * skc_b + pg * skc_p + kvh * skc_h + tok[:, None] * skc_t
+    kptr += tl.arange(0, GW // PER)[None, :]
     kmoff = b.to(tl.int64) * skm_b + pg * skm_p + kvh * skm_h + tok * skm_t
     kb0 = tl.load(kptr, mask=ok, other=0)
     mk0 = tl.load(km_ptr + kmoff, mask=ok, other=0.0)
@@ -153,8 +160,8 @@ def _load_page(
         mk3 = tl.load(km_ptr + kmoff + 3, mask=ok, other=0.0)
         sk3 = tl.load(kss_ptr + kmoff + 3, mask=ok, other=0.0)
         uk3 = tl.load(ksum_ptr + kmoff + 3, mask=ok, other=0)
-    vptr = vc_ptr + b.to(tl.int64) * svc_b + pg * svc_p + kvh * svc_h + dch[None, :] * svc_d
-    vb = tl.load(vptr + (tok // PER)[:, None], mask=ok, other=0)
+    vptr = vc_ptr + b.to(tl.int64) * svc_b + pg * svc_p + kvh * svc_h + dch[:, None] * svc_d
+    vb = tl.load(vptr + tl.arange(0, PART // PER)[None, :], mask=ok, other=0)
     vmoff = b.to(tl.int64) * svm_b + pg * svm_p + kvh * svm_h + dch * svm_d
     mv = tl.load(vm_ptr + vmoff, mask=ok, other=0.0)
     sv = tl.load(vss_ptr + vmoff, mask=ok, other=0.0)
@@ -199,12 +206,13 @@ def hack_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, GW: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, DOT16: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // NHG
     hg = tl.program_id(1) % NHG
     split = tl.program_id(2)
+    PER: tl.constexpr = 8 // BITS
     GD: tl.constexpr = D // GW
     kvh = (hg * GR) // G
 
@@ -281,13 +289,13 @@ def hack_attn_kernel(
         # fmt: on
         s = tl.zeros([ROWS, PART], tl.float32)
         for g in tl.static_range(GD):
-            kc = _unpack_rows(_pick(g, c_kb0, c_kb1, c_kb2, c_kb3), GW, BITS)  # [GW, tokens]
-            dot = tl.dot(_pick(g, qc0, qc1, qc2, qc3), kc, out_dtype=tl.int32)
+            kc = _unpack(_pick(g, c_kb0, c_kb1, c_kb2, c_kb3), PART, GW // PER, BITS)  # [tok, GW]
+            dot = _int_dot(_pick(g, qc0, qc1, qc2, qc3), tl.trans(kc), DOT16)
             mk = _pick(g, c_mk0, c_mk1, c_mk2, c_mk3).to(tl.float32)
             sk = _pick(g, c_sk0, c_sk1, c_sk2, c_sk3).to(tl.float32)
             sumk = _pick(g, c_uk0, c_uk1, c_uk2, c_uk3).to(tl.float32)
             sq = _pick(g, sq0, sq1, sq2, sq3)
-            s += (sq[:, None] * sk[None, :]) * dot.to(tl.float32)
+            s += (sq[:, None] * sk[None, :]) * dot
             s += _pick(g, bq0, bq1, bq2, bq3)[:, None] * (sk * sumk)[None, :]
             s += _pick(g, aq0, aq1, aq2, aq3)[:, None] * mk[None, :]
         if CAUSAL:
@@ -298,10 +306,10 @@ def hack_attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pc, mp, sp, sump = _quant8_rows(p, None, False)
-        vc = _unpack_rows(c_vb, PART, BITS)  # [tokens, D]
-        pv = tl.dot(pc, vc, out_dtype=tl.int32)
+        vc = _unpack(c_vb, D, PART // PER, BITS)  # [D, tokens]
+        pv = _int_dot(pc, tl.trans(vc), DOT16)
         sv_f = c_sv.to(tl.float32)
-        acc = acc * alpha[:, None] + (sp[:, None] * sv_f[None, :]) * pv.to(tl.float32)
+        acc = acc * alpha[:, None] + (sp[:, None] * sv_f[None, :]) * pv
         acc += (128.0 * sp + mp)[:, None] * (sv_f * c_sumv.to(tl.float32))[None, :]
         acc += (sp * sump + PART * mp)[:, None] * c_mv.to(tl.float32)[None, :]
         m_i = m_new

@@ -36,9 +36,11 @@ def _load_tuned() -> dict[tuple, dict]:
 
 
 TUNED: dict[tuple, dict] = _load_tuned()
+# The last compiled attention kernel per shape class (registers, spills: for the benchmark's notes).
+LAST_COMPILED: dict[tuple, object] = {}
 DEFAULTS = {
-    "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False},
-    "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": True},
+    "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False, "DOT16": False},
+    "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": False, "DOT16": False},
     "quantize": {"BLOCK_R": 64, "num_warps": 4},
 }
 
@@ -53,8 +55,8 @@ def _nonempty(t):
 def launch_params(kind: str, head_dim: int, partition: int) -> dict:
     if interpreting():
         small = {
-            "prefill": {"BLOCK_P": 16, "PREFETCH": False},
-            "decode": {"waves": 1, "PREFETCH": True},
+            "prefill": {"BLOCK_P": 16, "PREFETCH": False, "DOT16": False},
+            "decode": {"waves": 1, "PREFETCH": True, "DOT16": True},
             "quantize": {"BLOCK_R": 64},
         }
         return {"num_warps": 4, "num_stages": 1, **small[kind]}
@@ -124,7 +126,8 @@ def run_attention(
         num_splits = 1
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     launch["PREFETCH"] = bool(params.get("PREFETCH", False))
-    hack_attn_kernel[grid](
+    launch["DOT16"] = bool(params.get("DOT16", False))
+    compiled = hack_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,
         seq_lens, block_tables, bt_batch_stride,
@@ -132,6 +135,7 @@ def run_attention(
         m, n_sink, num_splits, nhg, g, scale,
         **common, **shape, **launch,
     )  # fmt: skip
+    LAST_COMPILED[("decode" if decode else "prefill", d, partition)] = compiled
     if decode:
         combine_splits_kernel[(b * hq,)](
             part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
