@@ -99,72 +99,88 @@ def percentiles(seconds: list[float]) -> dict:
     }
 
 
-def run_case(
-    address: str, frame: bytes, model: str, n_put: int, n_get: int, clients: int, shm: bool, bar
+def interleave(counts: dict[str, int], rounds: int = 5) -> list[tuple[str, int]]:
+    """(codec, i) for every operation, in `rounds` rounds of one block per codec: each codec sees
+    the same machine load over time, and no single 16-bit op sits between two HACK ops."""
+    out = []
+    for r in range(rounds):
+        for codec, n in counts.items():
+            out += [(codec, i) for i in range(r * n // rounds, (r + 1) * n // rounds)]
+    return out
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    """(seconds, result) of fn(*args)."""
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def run_setup(
+    address: str, frames: dict[str, bytes], reps: dict, clients: int, shm: bool, bar
 ) -> dict:
-    spec = ChunkSpec(model, CHUNK)
-    rng = np.random.default_rng(abs(hash(model)) % 2**32)
-    keys = [spec.keys(rng.integers(0, 128_000, CHUNK))[0][2] for _ in range(n_put)]
+    """Both codecs against one server, their operations interleaved; returns results per codec."""
+    rng = np.random.default_rng(0)
+    keys = {
+        codec: [
+            ChunkSpec(f"llama-8b+{codec}", CHUNK).keys(rng.integers(0, 128_000, CHUNK))[0][2]
+            for _ in range(n_put)
+        ]
+        for codec, (n_put, _) in reps.items()
+    }
+    times = {codec: {"put": [], "get": [], "get_into": []} for codec in reps}
+    bufs = {codec: bytearray(len(f)) for codec, f in frames.items()}  # preallocated destinations
     with StoreClient(address, timeout=60, shm=shm) as c:
         c.wait_ready(30)
-        c.put(keys[0], frame)  # warm the channel and the server's code paths
-        assert c.get(keys[0]) == frame
-        put_s, get_s = [], []
-        t0 = time.perf_counter()
-        for k in keys:
-            t = time.perf_counter()
-            c.put(k, frame)
-            put_s.append(time.perf_counter() - t)
+        for codec, f in frames.items():  # warm the channel and the server's code paths
+            c.put(keys[codec][0], f)
+            assert c.get(keys[codec][0]) == f
+        for codec, i in interleave({codec: n_put for codec, (n_put, _) in reps.items()}):
+            times[codec]["put"].append(timed(c.put, keys[codec][i], frames[codec])[0])
             bar.update()
-        put_wall = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(n_get):
-            t = time.perf_counter()
-            value = c.get(keys[i % n_put])
-            get_s.append(time.perf_counter() - t)
-            if value != frame:
-                raise AssertionError("get returned different bytes")
-            bar.update()
-        get_wall = time.perf_counter() - t0
-        buf = bytearray(len(frame))  # a preallocated destination, as a serving engine's KV buffer
-        into_s = []
-        for i in range(n_get):
-            t = time.perf_counter()
-            c.get_into(keys[i % n_put], buf)
-            into_s.append(time.perf_counter() - t)
-            bar.update()
-        if buf != frame:
-            raise AssertionError("get_into filled different bytes")
-    # aggregate get rate: `clients` clients, each on its own channel, getting in parallel
-    per = max(n_get // clients, 1)
+        n_gets = {codec: n_get for codec, (_, n_get) in reps.items()}
+        for codec, i in interleave(n_gets):
+            k = keys[codec][i % len(keys[codec])]
+            seconds, got = timed(c.get, k)
+            times[codec]["get"].append(seconds)
+            if got != frames[codec]:
+                raise AssertionError(f"{codec}: get returned different bytes")
+            times[codec]["get_into"].append(timed(c.get_into, k, bufs[codec])[0])
+            if bufs[codec] != frames[codec]:
+                raise AssertionError(f"{codec}: get_into filled different bytes")
+            bar.update(2)
+    out = {}
+    for codec, (_, n_get) in reps.items():
+        n = len(frames[codec])
+        per = max(n_get // clients, 1)
 
-    def getter(j: int, out: list) -> None:
-        with StoreClient(address, timeout=60, shm=shm) as cc:
-            for i in range(per):
-                cc.get(keys[(i + j) % n_put])
-        out.append(per)
+        def getter(j: int, codec: str = codec, per: int = per) -> None:
+            with StoreClient(address, timeout=60, shm=shm) as cc:
+                for i in range(per):
+                    cc.get(keys[codec][(i + j) % len(keys[codec])])
 
-    done: list[int] = []
-    threads = [threading.Thread(target=getter, args=(j, done)) for j in range(clients)]
-    t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    par_wall = time.perf_counter() - t0
-    n = len(frame)
-    return {
-        "chunk_bytes": n,
-        "put": percentiles(put_s),
-        "get": percentiles(get_s),
-        "get_into": percentiles(into_s),
-        "put_MBps": n * n_put / put_wall / 1e6,
-        "get_MBps": n * n_get / get_wall / 1e6,
-        "put_chunks_per_s": n_put / put_wall,
-        "get_chunks_per_s": n_get / get_wall,
-        f"get_MBps_{clients}_clients": n * sum(done) / par_wall / 1e6,
-        f"get_chunks_per_s_{clients}_clients": sum(done) / par_wall,
-    }
+        # aggregate get rate: `clients` clients, each on its own channel, getting in parallel
+        threads = [threading.Thread(target=getter, args=(j,)) for j in range(clients)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        par_wall = time.perf_counter() - t0
+        t = times[codec]
+        out[codec] = {
+            "chunk_bytes": n,
+            "put": percentiles(t["put"]),
+            "get": percentiles(t["get"]),
+            "get_into": percentiles(t["get_into"]),
+            "put_MBps": n * len(t["put"]) / sum(t["put"]) / 1e6,
+            "get_MBps": n * len(t["get"]) / sum(t["get"]) / 1e6,
+            "put_chunks_per_s": len(t["put"]) / sum(t["put"]),
+            "get_chunks_per_s": len(t["get"]) / sum(t["get"]),
+            f"get_MBps_{clients}_clients": n * per * clients / par_wall / 1e6,
+            f"get_chunks_per_s_{clients}_clients": per * clients / par_wall,
+        }
+    return out
 
 
 def versions() -> dict:
@@ -272,26 +288,16 @@ def main() -> None:
         for setup, flags in setups.items():
             for transport in TRANSPORTS:
                 name = f"{setup}/{transport}"
-                result["setups"][name] = {}
-                for codec, (n_put, n_get) in reps.items():
-                    work = Path(tmp) / f"{setup}-{transport}-{codec}"
-                    work.mkdir()
-                    server = Server(work, flags)
-                    try:
-                        bar.set_description(f"{name}/{codec}")
-                        r = run_case(
-                            server.address,
-                            frames[codec],
-                            f"llama-8b+{codec}",
-                            n_put,
-                            n_get,
-                            args.clients,
-                            transport == "shm",
-                            bar,
-                        )
-                    finally:
-                        server.stop()
-                    result["setups"][name][codec] = r
+                work = Path(tmp) / f"{setup}-{transport}"
+                work.mkdir()
+                server = Server(work, flags)
+                try:
+                    bar.set_description(name)
+                    result["setups"][name] = run_setup(
+                        server.address, frames, reps, args.clients, transport == "shm", bar
+                    )
+                finally:
+                    server.stop()
                 h, r16 = result["setups"][name]["hack"], result["setups"][name]["raw16"]
                 result["setups"][name]["hack_vs_raw16"] = {
                     "get_p50_speedup": r16["get"]["p50_ms"] / h["get"]["p50_ms"],
