@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -167,7 +168,7 @@ def build_payloads(
 
 def _raw_serve() -> None:
     lsock = socket.create_server(("127.0.0.1", 0))
-    print(lsock.getsockname()[1], flush=True)
+    print(f"PORT {lsock.getsockname()[1]}", flush=True)
     while True:
         conn, _ = lsock.accept()
         tune(conn)
@@ -197,7 +198,7 @@ def _serve(kind: str) -> None:
     async def main() -> None:
         rcv = make_receiver(kind, commit=lambda key, blocks: None)
         _, port = await rcv.start()
-        print(port, flush=True)
+        print(f"PORT {port}", flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -237,11 +238,13 @@ class ReceiverProcess:
             text=True,
             env=env,
         )
-        line = self.proc.stdout.readline()
-        if not line.strip().isdigit():
+        for line in self.proc.stdout:  # libraries may log to stdout first
+            if line.startswith("PORT "):
+                self.port = int(line.split()[1])
+                break
+        else:
             self.close()
-            raise RuntimeError(f"{kind} receiver did not start (got {line!r})")
-        self.port = int(line)
+            raise RuntimeError(f"{kind} receiver did not start")
 
     def close(self) -> None:
         self.proc.kill()
@@ -285,6 +288,10 @@ def run_benchmark(
     from tqdm import tqdm
 
     kinds = [RAW, *[t for t in transports if t != RAW]]
+    if "nixl" in kinds:  # NIXL's UCX must load before ucxx's in this (sender) process
+        from .transports.nixl_transport import load_ucx_first
+
+        load_ucx_first()
     servers = {k: ReceiverProcess(k) for k in kinds}
     rows: list[Row] = []
     try:
@@ -375,10 +382,11 @@ def summarize(rows: list[Row]) -> dict:
 
 
 def _meta() -> dict:
-    def version(mod: str) -> str | None:
+    def version(dist: str) -> str | None:
+        # From the installed metadata: importing ucxx here would break a later NIXL agent.
         try:
-            return __import__(mod).__version__
-        except Exception:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             return None
 
     try:
@@ -397,7 +405,10 @@ def _meta() -> dict:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {m: version(m) for m in ("torch", "grpc", "ucxx", "msgpack", "xxhash")},
+        "versions": {
+            d: version(d)
+            for d in ("torch", "grpcio", "ucxx-cu12", "nixl-cu12", "msgpack", "xxhash")
+        },
         "device": "CPU loopback (receiver in a child process)",
         "block_tokens": BLOCK_TOKENS,
     }

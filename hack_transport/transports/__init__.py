@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
 from .base import KVReceiver, KVSender, TransferError, Unauthorized
 
@@ -15,8 +16,9 @@ KINDS = {
     "tcp": ("tcp", "TcpReceiver", "TcpSender"),
     "grpc": ("grpc_transport", "GrpcReceiver", "GrpcSender"),
     "ucx": ("ucx", "UcxReceiver", "UcxSender"),
+    "nixl": ("nixl_transport", "NixlReceiver", "NixlSender"),
 }
-_NEEDS = {"ucx": "ucxx", "grpc": "grpc"}
+_NEEDS = {"ucx": "ucxx", "grpc": "grpc", "nixl": "nixl"}
 
 
 def available_kinds() -> list[str]:
@@ -26,6 +28,15 @@ def available_kinds() -> list[str]:
 def _classes(kind: str) -> tuple[type, type]:
     if kind not in KINDS:
         raise ValueError(f"unknown transport {kind!r}; choose from {sorted(KINDS)}")
+    if kind == "nixl":
+        # nixl bundles its own UCX (and protobuf): a NIXL agent created in a process that has
+        # already loaded ucxx or grpc_tools aborts the whole process. Refuse instead.
+        clash = [m for m in ("ucxx", "grpc_tools._protoc_compiler") if m in sys.modules]
+        if clash:
+            raise RuntimeError(
+                f"NIXL cannot start in a process that loaded {clash}: create NIXL transports first "
+                "(nixl_transport.load_ucx_first()) or use a separate process"
+            )
     mod, rcv, snd = KINDS[kind]
     m = importlib.import_module(f"{__name__}.{mod}")
     return getattr(m, rcv), getattr(m, snd)

@@ -119,6 +119,17 @@ def runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+def payload_runs(header: wire.FrameHeader) -> list[tuple[int, int]]:
+    """(start, end) payload offsets of the frame's non-empty runs, as the receiver reads them."""
+    parts = header.parts()
+    out = []
+    for a, b in runs([n for _, n in parts]):
+        off, end = parts[a][0], parts[b - 1][0] + parts[b - 1][1]
+        if end > off:
+            out.append((off, end))
+    return out
+
+
 def message_parts(buffers: Sequence[Buffer]) -> list[memoryview]:
     """The frame as the receiver reads it: prefix, header, then the payload's non-empty runs."""
     mvs = [memoryview(b).cast("B") for b in buffers]
@@ -210,16 +221,26 @@ async def recv_msg(ch: Channel, limit: int) -> dict:
     return obj
 
 
+async def _send_parts(ch: Channel, buffers: Sequence[Buffer]) -> None:
+    await ch.send(message_parts(buffers))
+
+
 async def send_session(
-    ch: Channel, key: str, frames: Sequence[Sequence[Buffer]], token: str | None
+    ch: Channel,
+    key: str,
+    frames: Sequence[Sequence[Buffer]],
+    token: str | None,
+    hello: dict | None = None,
+    send_frame: Callable[[Channel, Sequence[Buffer]], Awaitable[None]] = _send_parts,
 ) -> dict:
     """Sender side; returns the receiver's acknowledgement. The ack is read concurrently, so a
-    receiver that rejects a frame early stops the sender at once."""
+    receiver that rejects a frame early stops the sender at once. `hello` adds fields to the first
+    message and `send_frame` replaces how a frame's buffers go out (NIXL)."""
 
     async def push() -> None:
-        await send_msg(ch, {"key": key, "frames": len(frames), "token": token})
+        await send_msg(ch, {**(hello or {}), "key": key, "frames": len(frames), "token": token})
         for bufs in frames:
-            await ch.send(message_parts(bufs))
+            await send_frame(ch, bufs)
 
     pusher = asyncio.ensure_future(push())
     acker = asyncio.ensure_future(recv_msg(ch, 1 << 20))
@@ -345,6 +366,11 @@ class KVReceiver(abc.ABC):
         if not isinstance(key, str) or not isinstance(n, int) or not 0 < n <= lim.max_frames:
             await send_msg(ch, {"ok": False, "error": f"bad hello: key {key!r}, frames {n!r}"})
             return False
+        try:
+            session = self.session_start(hello)
+        except wire.FrameError as e:
+            await send_msg(ch, {"ok": False, "error": str(e)})
+            return False
         held = 0
 
         async def frame() -> wire.Block:
@@ -360,12 +386,7 @@ class KVReceiver(abc.ABC):
             payload = bytearray(header.payload_len)  # allocated only after validation
             held += header.payload_len
             self.pending_bytes += header.payload_len
-            pv = memoryview(payload)
-            parts = header.parts()
-            for a, b in runs([n for _, n in parts]):
-                off, end = parts[a][0], parts[b - 1][0] + parts[b - 1][1]
-                if end > off:
-                    await ch.recv_into(pv[off:end])
+            await self.recv_payload(ch, header, payload, session)
             return wire.decode_payload(header, payload)
 
         try:
@@ -391,7 +412,23 @@ class KVReceiver(abc.ABC):
             self.note_failure(str(e), aborted=True)
         finally:
             self.pending_bytes -= held  # the partial blocks are dropped with this frame
+            self.session_end(session)
         return False
+
+    def session_start(self, hello: dict) -> object:
+        """Per-transfer state from the hello (NIXL: the sender's agent); FrameError refuses."""
+        return None
+
+    def session_end(self, session: object) -> None:
+        return None
+
+    async def recv_payload(
+        self, ch: Channel, header: wire.FrameHeader, payload: bytearray, session: object
+    ) -> None:
+        """Fill the validated, freshly allocated payload: each run straight into its place."""
+        pv = memoryview(payload)
+        for off, end in payload_runs(header):
+            await ch.recv_into(pv[off:end])
 
 
 class KVSender(abc.ABC):

@@ -30,7 +30,7 @@ from .base import (
     token_ok,
 )
 
-CHUNK = 4 << 20
+CHUNK = 1 << 20
 MIN_CHUNK = 1 << 20
 TOKEN_HEADER = "x-hack-kv-token"
 

@@ -24,7 +24,7 @@ def frames(mb: int) -> list:
 async def receive(kind: str) -> None:
     rcv = make_receiver(kind, idle_timeout=5.0)
     _, port = await rcv.start()
-    print(port, flush=True)
+    print(f"PORT {port}", flush=True)
     await asyncio.Event().wait()
 
 

@@ -1,0 +1,29 @@
+"""The transport tests for NIXL, in a child process: NIXL and grpc_tools (loaded by the stub
+tests) abort when both are in one process, so the NIXL cases of test_transports.py run apart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hack_transport.transports import available_kinds
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif("nixl" not in available_kinds(), reason="nixl is not installed")
+def test_nixl_transport_cases():
+    env = {**os.environ, "HACK_KV_TEST_NIXL": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(REPO / "tests/transport/test_transports.py")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    tail = proc.stdout[-3000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail and "error" not in tail.lower(), tail
