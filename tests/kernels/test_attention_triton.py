@@ -52,7 +52,7 @@ def test_prefill_matches_reference(case):
     k, v = _kv(gen, 1, hk, t, d, dtype)
     out = torch.full((1, hq, t, d), float("nan"), device=DEVICE)
     got, qkv = prefill_attention(
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cfg, causal=causal, out=out
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cfg, causal=causal, mode="hack", out=out
     )
     assert got is out
     ref = reference_attention(q, quantize_kv(k, v, cfg), causal=causal)
@@ -75,7 +75,7 @@ def test_prefill_fp16_mode_and_kivi_layout():
     assert qkv.num_closed == 32
     cfg = HackConfig(partition=32, layout="kivi")
     out, qkv = prefill_attention(
-        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cfg, out_dtype=torch.float32
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cfg, mode="hack", out_dtype=torch.float32
     )
     assert _rel(out, reference_attention(q, quantize_kv(k, v, cfg))) <= TOL
 
