@@ -8,6 +8,7 @@ the service stops taking puts (UNAVAILABLE), lets in-flight RPCs finish for `gra
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -300,7 +301,9 @@ class StoreServicer(pb_grpc.KVStoreServicer):
         return pb.HealthReply(status=status, version=_version())
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
+    """The installed hack-kv version (looked up once: importlib.metadata is slow)."""
     try:
         from importlib.metadata import version
 
