@@ -19,6 +19,8 @@ def main() -> None:
 # Sub-commands register themselves on `app` when imported.
 from . import (  # noqa: E402
     bench,  # noqa: F401
+    demo,  # noqa: F401
+    eval,  # noqa: F401
     inspect,  # noqa: F401
     serve,  # noqa: F401
 )

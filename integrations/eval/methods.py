@@ -1,0 +1,89 @@
+"""The compared KV methods: each turns a context's 16-bit K/V into the cache decode continues from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from hack_kernels import HackConfig
+
+from ..transformers_cache import HackCache
+from . import baselines
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [1, kv_heads, T, head_dim]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "fp16", "hack", "kivi", "cachegen", "kvquant"
+    bits: int = 16
+    hack: HackConfig | None = field(default=None)
+
+    @property
+    def attn(self) -> str:
+        """The attention implementation decode runs with."""
+        return "hack" if self.kind == "hack" else "sdpa"
+
+
+def hack_method(bits: int, partition: int, layout: str, sinks: int = 0) -> Method:
+    cfg = HackConfig(bits=bits, partition=partition, layout=layout, sink_tokens=sinks)
+    name = f"HACK {bits}b p{partition} {layout}" + (f" s{sinks}" if sinks else "")
+    return Method(name, "hack", bits, cfg)
+
+
+FP16 = Method("16-bit", "fp16")
+KIVI2 = Method("KIVI-style 2b g32 r128", "kivi", 2)
+KIVI4 = Method("KIVI-style 4b g32 r128", "kivi", 4)
+CACHEGEN = Method("CacheGen-like 4/3/2b", "cachegen", 3)
+KVQUANT3 = Method("KVQuant-like 3b pre-RoPE 1%", "kvquant", 3)
+
+
+def default_methods() -> list[Method]:
+    hack = [hack_method(2, p, lay) for lay in ("paper", "kivi") for p in (32, 64, 128)]
+    hack += [hack_method(2, 64, lay, sinks=4) for lay in ("paper", "kivi")]
+    hack += [hack_method(4, 64, lay) for lay in ("paper", "kivi")]
+    hack += [hack_method(4, 64, "kivi", sinks=4)]
+    return [FP16, *hack, KIVI2, KIVI4, CACHEGEN, KVQUANT3]
+
+
+def find_method(name: str) -> Method:
+    for m in default_methods():
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown method {name!r}; known: {[m.name for m in default_methods()]}")
+
+
+def to_16bit(kv: KV) -> KV:
+    return [(k.half().float(), v.half().float()) for k, v in kv]
+
+
+def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
+    """(cache holding the context for decode, bytes of the context's KV under this method).
+
+    kv16: the context's K/V rounded to 16 bits. rope(T) -> (cos, sin) [1, T, D] of the model.
+    """
+    if method.kind == "hack":
+        cache = HackCache.from_kv(kv16, method.hack)
+        return cache, float(cache.nbytes)
+    out, nbytes = [], 0.0
+    cos_sin = rope(kv16[0][0].shape[2]) if method.kind == "kvquant" else None
+    for i, (k, v) in enumerate(kv16):
+        if method.kind == "fp16":
+            kq, vq, nb = k, v, 2 * k.numel() * 2
+        elif method.kind == "kivi":
+            kq, vq, nb = baselines.kivi(k, v, bits=method.bits)
+        elif method.kind == "cachegen":
+            kq, vq, nb = baselines.cachegen(i, len(kv16), k, v)
+        elif method.kind == "kvquant":
+            kq, vq, nb = baselines.kvquant(k, v, *cos_sin, bits=method.bits)
+        else:
+            raise ValueError(f"unknown method kind {method.kind!r}")
+        out.append((kq, vq))
+        nbytes += nb
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(out):
+        cache.update(k, v, i)
+    return cache, nbytes
