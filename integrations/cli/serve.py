@@ -72,29 +72,32 @@ def serve_command(
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the gRPC KV store service until SIGTERM."""
-    serve(
-        ServeConfig(
-            host=host,
-            port=port,
-            cpu_bytes=parse_bytes(cpu),
-            disk_dir="" if no_disk else disk_dir,
-            disk_bytes=parse_bytes(disk),
-            gpu_bytes=parse_bytes(gpu),
-            write_through=write_through and not no_disk,
-            disk_evict=disk_evict,
-            fsync=fsync,
-            verify_frames=verify_frames,
-            max_chunk_bytes=parse_bytes(max_chunk),
-            workers=workers,
-            max_inflight_bytes=parse_bytes(max_inflight),
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-            token=token,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            grace_s=grace,
-            ready_file=ready_file,
-            log_level=log_level,
-            shm_dir=SHM_DIR if shm else None,
-        )
+    config = ServeConfig(
+        host=host,
+        port=port,
+        cpu_bytes=parse_bytes(cpu),
+        disk_dir="" if no_disk else disk_dir,
+        disk_bytes=parse_bytes(disk),
+        gpu_bytes=parse_bytes(gpu),
+        write_through=write_through and not no_disk,
+        disk_evict=disk_evict,
+        fsync=fsync,
+        verify_frames=verify_frames,
+        max_chunk_bytes=parse_bytes(max_chunk),
+        workers=workers,
+        max_inflight_bytes=parse_bytes(max_inflight),
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        token=token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        grace_s=grace,
+        ready_file=ready_file,
+        log_level=log_level,
+        shm_dir=SHM_DIR if shm else None,
     )
+    try:
+        serve(config)
+    except (RuntimeError, ValueError, OSError) as e:  # it could not start: say why, no traceback
+        typer.echo(f"hack-kv serve: {e}", err=True)
+        raise typer.Exit(2) from None

@@ -337,3 +337,23 @@ def test_embedded_defaults_keep_chunks_under_the_cache_dir(start_server, tmp_pat
     again = start_server("--cpu", "1M", env={"XDG_CACHE_HOME": str(cache)})
     with again.client() as c:
         assert c.get(key(1)) == b"default tiers"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tls-cert", "/nonexistent.pem"], "TLS needs both a certificate and a key"),
+        (["--cpu", "12X"], "not a byte size"),
+    ],
+)
+def test_serve_refuses_bad_options_with_a_clear_message(args, message):
+    import subprocess
+    import sys
+
+    from .conftest import CLI
+
+    r = subprocess.run(
+        [sys.executable, "-c", CLI, "serve", "--no-disk", "--port", "0", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
