@@ -8,6 +8,7 @@ Every read verifies the checksums; a corrupt file is deleted, counted and report
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -69,6 +70,7 @@ class DiskTier:
         self.corrupt_dropped = 0
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._lock_dir()
         self._scan()
 
     @property
@@ -78,6 +80,27 @@ class DiskTier:
     def path(self, key: ChunkKey) -> Path:
         d = key.digest()
         return self.chunks_dir / d[:2] / (d + SUFFIX)
+
+    def _lock_dir(self) -> int:
+        """One store per directory: a second would delete the first's files in flight."""
+        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RuntimeError(
+                f"disk tier {self.root} is in use by another store (pid {holder or '?'})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def close(self) -> None:
+        """Release the directory (the kernel also releases it when the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- restart -----------------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ last memory tier evicts is written to disk unless the disk already holds it. Wit
 acknowledged chunk survives a crash. A get looks from the fastest tier down and copies a disk hit
 back into memory. Values are immutable bytes, so a get in progress never loses its chunk to an
 eviction; the disk tier pins a file while it is read.
+
+A key names its content (model identity + token prefix + layer group + rank), so two puts of one
+key carry equivalent KV; when they race, either may be the one a later get returns, always whole.
 """
 
 from __future__ import annotations
@@ -219,4 +222,6 @@ class KVStore:
         return out
 
     def close(self) -> None:
-        """Nothing is buffered (disk writes are synchronous); kept for symmetry with StoreClient."""
+        """Release the disk tier's directory. Nothing is buffered: disk writes are synchronous."""
+        if self.disk is not None:
+            self.disk.close()

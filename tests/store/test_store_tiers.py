@@ -68,6 +68,7 @@ def test_spill_to_disk_restart_and_exact_gets(tmp_path, write_through):
     for i in reversed(range(30)):
         assert store.get(key(i)) == vals[i]
     # a new process on the same directory finds them all
+    store.close()
     if write_through:
         again = KVStore(4000, tmp_path, 1 << 20)
         assert again.stats()["tiers"][1]["chunks"] == 30
@@ -101,6 +102,7 @@ def test_corrupt_files_are_dropped_counted_and_never_served(tmp_path, where):
     else:
         data += b"\0"
     path.write_bytes(bytes(data))
+    store.close()
     # a restart sees every kind of damage to the header or length; value damage shows on read
     fresh = KVStore(1 << 20, tmp_path, 1 << 20)
     assert fresh.get(key(3)) is None
@@ -113,6 +115,7 @@ def test_restart_drops_interrupted_writes(tmp_path):
     store = KVStore(1 << 20, tmp_path, 1 << 20)
     store.put(key(1), value(1, 100))
     (tmp_path / "tmp" / "abc.1.0.tmp").write_bytes(b"half a chunk")
+    store.close()
     again = KVStore(1 << 20, tmp_path, 1 << 20)
     assert list((tmp_path / "tmp").iterdir()) == []
     assert again.get(key(1)) == value(1, 100)
@@ -221,3 +224,11 @@ def test_gpu_tier_spills_to_cpu_then_disk(tmp_path):
     s = {t["name"]: t for t in store.stats()["tiers"]}
     assert s["gpu"]["bytes"] <= 6000 and s["cpu"]["bytes"] <= 6000 and s["disk"]["chunks"] >= 6
     assert all(store.get(key(i)) == v for i, v in vals.items())
+
+
+def test_one_store_per_directory(tmp_path):
+    store = KVStore(0, tmp_path, 1 << 20)
+    with pytest.raises(RuntimeError, match=f"in use by another store \\(pid {os.getpid()}\\)"):
+        KVStore(0, tmp_path, 1 << 20)
+    store.close()
+    KVStore(0, tmp_path, 1 << 20).close()
