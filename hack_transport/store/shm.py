@@ -4,6 +4,8 @@ gRPC over loopback moves a few MB at about 1 GB/s here; a tmpfs file moves them 
 The client creates one exchange file per thread (0600, random name) and names it in GetShm/PutShm;
 the service opens it (only a file of that name pattern, directly in its shm directory, no symlinks)
 and copies the value in or out with pwrite/pread. Sizes and checksums travel in the RPC.
+A file keeps the size of the largest value its thread moved, until the client closes; files left
+by a client that died (its pid is in the name) are removed by the next client that starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import uuid
 from .errors import StoreError
 
 SHM_DIR = "/dev/shm"
-_NAME = re.compile(r"hack-kv-[0-9a-f]{32}\.buf")
+_NAME = re.compile(r"hack-kv-(\d+)-[0-9a-f]{32}\.buf")
 
 
 class ShmUnavailable(StoreError):
@@ -70,6 +72,34 @@ def read_into(fd: int, out: memoryview) -> memoryview:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphans(shm_dir: str = SHM_DIR) -> int:
+    """Delete exchange files whose creating process is gone; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    for name in names:
+        m = _NAME.fullmatch(name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 class ExchangeFiles:
     """One exchange file per calling thread, removed by close()."""
 
@@ -78,12 +108,13 @@ class ExchangeFiles:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[tuple[int, str]] = []
+        remove_orphans(shm_dir)
 
     def get(self) -> tuple[int, str]:
         """(fd, path) of this thread's exchange file, created on first use."""
         mine = getattr(self._local, "file", None)
         if mine is None:
-            path = os.path.join(self.shm_dir, f"hack-kv-{uuid.uuid4().hex}.buf")
+            path = os.path.join(self.shm_dir, f"hack-kv-{os.getpid()}-{uuid.uuid4().hex}.buf")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             mine = self._local.file = (fd, path)
             with self._lock:

@@ -225,8 +225,8 @@ def test_shared_memory_exchange_is_checked_and_falls_back(start_server, tmp_path
     server = start_server("--no-disk")
     stub = pb_grpc.KVStoreStub(grpc.insecure_channel(server.address))
     good = pb.ChunkKey(model="svc@1", chunk_hash=bytes(16))
-    shm_file = "/dev/shm/hack-kv-" + "ab" * 16 + ".buf"
-    link = "/dev/shm/hack-kv-" + "cd" * 16 + ".buf"
+    shm_file = f"/dev/shm/hack-kv-{os.getpid()}-" + "ab" * 16 + ".buf"
+    link = f"/dev/shm/hack-kv-{os.getpid()}-" + "cd" * 16 + ".buf"
     with open(shm_file, "wb") as f:
         f.write(b"abc")
     os.symlink(shm_file, link)
@@ -236,6 +236,7 @@ def test_shared_memory_exchange_is_checked_and_falls_back(start_server, tmp_path
         for path in (
             str(tmp_path / "x.buf"),
             "/dev/shm/other.buf",
+            "/dev/shm/hack-kv-" + "ab" * 16 + ".buf",  # no pid in the name
             "/dev/shm/../tmp/" + os.path.basename(shm_file),
             link,
         ):
@@ -357,3 +358,30 @@ def test_serve_refuses_bad_options_with_a_clear_message(args, message):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_exchange_files_of_dead_clients_are_removed():
+    import os
+    import subprocess
+    import sys
+
+    from hack_transport.store.shm import ExchangeFiles
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    orphan = f"/dev/shm/hack-kv-{int(dead.stdout)}-" + "ef" * 16 + ".buf"
+    mine = f"/dev/shm/hack-kv-{os.getpid()}-" + "01" * 16 + ".buf"
+    for p in (orphan, mine):
+        open(p, "wb").close()
+    try:
+        files = ExchangeFiles()
+        assert not os.path.exists(orphan) and os.path.exists(mine)
+        _, path = files.get()
+        assert os.path.exists(path)
+        files.close()
+        assert not os.path.exists(path)
+    finally:
+        for p in (orphan, mine):
+            if os.path.exists(p):
+                os.unlink(p)
