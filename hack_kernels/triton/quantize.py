@@ -108,110 +108,6 @@ def _quantize_pack_kernel(
     tl.store(cptr, packed.to(tl.uint8), mask=rmask[:, None])
 
 
-@triton.jit
-def _plane(
-    x_ptr, base, rmask, g, col, k: tl.constexpr, N, sxj, PART: tl.constexpr, PER: tl.constexpr
-):
-    """Elements g * PART + col * PER + k of each row (float32), their mask and indices."""
-    j = g * PART + col * PER + k
-    mask = rmask[:, None] & (j < N)[None, :]
-    x = tl.load(x_ptr + base + j[None, :] * sxj, mask=mask, other=0.0).to(tl.float32)
-    return x, mask, j
-
-
-@triton.jit
-def _codes(x, mask, j, mf, inv, noise_ptr, nb, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    t = (x - mf[:, None]) * inv[:, None]
-    t = tl.maximum(t, 0.0)  # t >= 0 already; this keeps t + 0.5 from fusing into an fma
-    if STOCHASTIC:
-        t = t + tl.load(noise_ptr + nb + j[None, :], mask=mask, other=0.0)
-    else:
-        t = t + 0.5
-    q = tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS).to(tl.int32)
-    return tl.where(mask, q, 0)
-
-
-@triton.jit
-def _quantize_pack_planes_kernel(
-    x_ptr,
-    noise_ptr,
-    codes_ptr,
-    mins_ptr,
-    scales_ptr,
-    sums_ptr,
-    R1,
-    N,
-    G,
-    sx0,
-    sx1,
-    sxj,
-    PART: tl.constexpr,
-    BITS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    INT: tl.constexpr,
-):
-    """Variant for groups strided in memory (V grouped along tokens): each plane load is
-    contiguous across rows, so loads stay coalesced."""
-    pid_r = tl.program_id(0)
-    g = tl.program_id(1)
-    r0 = tl.program_id(2)
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    PER: tl.constexpr = 8 // BITS
-    META: tl.constexpr = mins_ptr.dtype.element_ty
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R1
-    # Element j of the group is loaded into plane j % PER, column j // PER, so packing a byte is
-    # an OR of the planes' codes (no in-register reshape).
-    col = tl.arange(0, PART // PER)
-    base = r0.to(tl.int64) * sx0 + rows[:, None].to(tl.int64) * sx1
-    x0, m0, j0 = _plane(x_ptr, base, rmask, g, col, 0, N, sxj, PART, PER)
-    lo = tl.min(tl.where(m0, x0, float("inf")), axis=1)
-    hi = tl.max(tl.where(m0, x0, -float("inf")), axis=1)
-    x1, m1, j1 = x0, m0, j0
-    x2, m2, j2 = x0, m0, j0
-    x3, m3, j3 = x0, m0, j0
-    if PER > 1:
-        x1, m1, j1 = _plane(x_ptr, base, rmask, g, col, 1, N, sxj, PART, PER)
-        lo = tl.minimum(lo, tl.min(tl.where(m1, x1, float("inf")), axis=1))
-        hi = tl.maximum(hi, tl.max(tl.where(m1, x1, -float("inf")), axis=1))
-    if PER > 2:
-        x2, m2, j2 = _plane(x_ptr, base, rmask, g, col, 2, N, sxj, PART, PER)
-        x3, m3, j3 = _plane(x_ptr, base, rmask, g, col, 3, N, sxj, PART, PER)
-        lo = tl.minimum(lo, tl.min(tl.where(m2, x2, float("inf")), axis=1))
-        hi = tl.maximum(hi, tl.max(tl.where(m2, x2, -float("inf")), axis=1))
-        lo = tl.minimum(lo, tl.min(tl.where(m3, x3, float("inf")), axis=1))
-        hi = tl.maximum(hi, tl.max(tl.where(m3, x3, -float("inf")), axis=1))
-    lo = tl.where(rmask, lo, 0.0)
-    hi = tl.where(rmask, hi, 0.0)
-    m = _round_down_meta(lo, META, INT)
-    s = _scale_up_meta(m, hi, LEVELS, META, INT)
-    sf = s.to(tl.float32)
-    inv = tl.where(sf > 0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf), 0.0)
-    mf = m.to(tl.float32)
-    nb = (r0.to(tl.int64) * R1 + rows[:, None]) * N
-    q = _codes(x0, m0, j0, mf, inv, noise_ptr, nb, LEVELS, STOCHASTIC)
-    packed = q
-    total = tl.sum(q, axis=1)
-    if PER > 1:
-        q = _codes(x1, m1, j1, mf, inv, noise_ptr, nb, LEVELS, STOCHASTIC)
-        packed |= q << BITS
-        total += tl.sum(q, axis=1)
-    if PER > 2:
-        q = _codes(x2, m2, j2, mf, inv, noise_ptr, nb, LEVELS, STOCHASTIC)
-        packed |= q << (2 * BITS)
-        total += tl.sum(q, axis=1)
-        q = _codes(x3, m3, j3, mf, inv, noise_ptr, nb, LEVELS, STOCHASTIC)
-        packed |= q << (3 * BITS)
-        total += tl.sum(q, axis=1)
-    grow = (r0.to(tl.int64) * R1 + rows) * G + g
-    tl.store(mins_ptr + grow, m, mask=rmask)
-    tl.store(scales_ptr + grow, s, mask=rmask)
-    tl.store(sums_ptr + grow, total.to(sums_ptr.dtype.element_ty), mask=rmask)
-    cptr = codes_ptr + grow[:, None] * (PART // PER) + col[None, :]
-    tl.store(cptr, packed.to(tl.uint8), mask=rmask[:, None])
-
-
 _INT_OF = {torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float32: tl.int32}
 
 
@@ -265,8 +161,7 @@ def quantize_groups_triton(
         tune = launch_params("quantize", 0, partition)
         block_r = max(1, min(tune["BLOCK_R"], triton.next_power_of_2(r1)))
         grid = (triton.cdiv(r1, block_r), g, r0)
-        kernel = _quantize_pack_kernel if sj == 1 else _quantize_pack_planes_kernel
-        kernel[grid](
+        _quantize_pack_kernel[grid](
             v, noise, codes, mins, scales, sums, r1, n, g, s0, s1, sj,
             PART=partition, BITS=bits, BLOCK_R=block_r,
             STOCHASTIC=rounding == "stochastic", INT=_INT_OF[meta],
