@@ -8,6 +8,10 @@
 
 StoreClient has the same methods against `hack-kv serve` (service.py). It is imported on first
 use, so the in-process store needs neither grpcio nor the protobuf runtime.
+
+    hack-kv serve --cpu 8GiB --disk 200GiB --metrics-port 9464 --token "$HACK_KV_TOKEN"
+    client = StoreClient("127.0.0.1:50061", token=...)   # same host: values go through /dev/shm
+    client.put(key, frame); client.get_into(key, buffer); client.lookup(spec, tokens)
 """
 
 from .errors import (

@@ -219,6 +219,8 @@ class StoreClient:
                 except StoreError as e:
                     if not self._shm_refused(e):
                         raise
+                except OSError:  # no usable /dev/shm on this host: stream from now on
+                    self._use_shm = False
             return self._call(fetch)
         except StoreError as e:
             if getattr(e, "code", None) == grpc.StatusCode.NOT_FOUND:

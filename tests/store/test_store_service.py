@@ -219,6 +219,10 @@ def test_tls_with_token(start_server, tmp_path):
     plain.close()
 
 
+NO_SHM = pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="no /dev/shm here")
+
+
+@NO_SHM
 def test_shared_memory_exchange_is_checked_and_falls_back(start_server, tmp_path):
     import os
 
@@ -360,6 +364,7 @@ def test_serve_refuses_bad_options_with_a_clear_message(args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@NO_SHM
 def test_exchange_files_of_dead_clients_are_removed():
     import os
     import subprocess
