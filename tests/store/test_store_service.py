@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -219,13 +220,11 @@ def test_tls_with_token(start_server, tmp_path):
     plain.close()
 
 
-NO_SHM = pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="no /dev/shm here")
+NO_SHM = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm here")
 
 
 @NO_SHM
 def test_shared_memory_exchange_is_checked_and_falls_back(start_server, tmp_path):
-    import os
-
     server = start_server("--no-disk")
     stub = pb_grpc.KVStoreStub(grpc.insecure_channel(server.address))
     good = pb.ChunkKey(model="svc@1", chunk_hash=bytes(16))
@@ -352,7 +351,6 @@ def test_embedded_defaults_keep_chunks_under_the_cache_dir(start_server, tmp_pat
     ],
 )
 def test_serve_refuses_bad_options_with_a_clear_message(args, message):
-    import subprocess
     import sys
 
     from .conftest import CLI
@@ -366,8 +364,6 @@ def test_serve_refuses_bad_options_with_a_clear_message(args, message):
 
 @NO_SHM
 def test_exchange_files_of_dead_clients_are_removed():
-    import os
-    import subprocess
     import sys
 
     from hack_transport.store.shm import ExchangeFiles
