@@ -65,7 +65,12 @@ def check_prefill(results):
 
 def check_decode(results):
     cases = [(128, 64, 4, [8191, 3000, 65, 1]), (64, 32, 0, [4096, 31, 700])]
-    for variant in ({"PREFETCH": False, "DOT16": False}, {"PREFETCH": True, "DOT16": True}):
+    variants = (
+        {"PREFETCH": False, "DOT16": False, "SLOTS": 1},
+        {"PREFETCH": True, "DOT16": True, "SLOTS": 1},
+        {"PREFETCH": False, "DOT16": False, "SLOTS": 4},
+    )
+    for variant in variants:
         for d, p, _, _ in cases:
             launch.TUNED[("decode", d, p)] = {**launch.DEFAULTS["decode"], **variant}
             launch.TUNED[("prefill", d, p)] = {
@@ -74,6 +79,8 @@ def check_decode(results):
             }
         _check_decode_cases(results, cases, variant)
         check_prefill(results) if variant["DOT16"] else None
+    launch.TUNED.clear()
+    launch.TUNED.update(launch._load_tuned())
 
 
 def _check_decode_cases(results, cases, variant):

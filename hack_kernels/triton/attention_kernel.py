@@ -105,7 +105,7 @@ def _attend16(
         else:
             s = tl.dot(q.to(k.dtype), tl.trans(k))
         s = s * qk_scale
-        ok = tmask[None, :]
+        ok = tmask[None, :] & row_ok[:, None]  # rows outside the program never see these tokens
         if CAUSAL:
             ok = ok & ((tok0 + tok)[None, :] <= q_abs[:, None])
         s = tl.where(ok, s, -float("inf"))

@@ -11,6 +11,7 @@ import torch
 import triton
 
 from .attention_kernel import combine_splits_kernel, hack_attn_kernel
+from .decode_kernel import hack_decode_slots_kernel, slots_for
 
 LOG2E = 1.4426950408889634
 
@@ -45,6 +46,9 @@ DEFAULTS = {
 }
 
 
+SLOTS_INTERP = 4  # tests flip this to cover both decode kernels under the interpreter
+
+
 def _nonempty(t):
     """Empty tensors may have no storage; the kernel never reads them, but needs a pointer."""
     if isinstance(t, torch.Tensor) and t.numel() == 0:
@@ -56,7 +60,7 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
     if interpreting():
         small = {
             "prefill": {"BLOCK_P": 16, "PREFETCH": False, "DOT16": False},
-            "decode": {"waves": 1, "PREFETCH": True, "DOT16": True},
+            "decode": {"waves": 1, "PREFETCH": True, "DOT16": True, "SLOTS": SLOTS_INTERP},
             "quantize": {"BLOCK_R": 64},
         }
         return {"num_warps": 4, "num_stages": 1, **small[kind]}
@@ -125,6 +129,12 @@ def run_attention(
         nhg = hq
         num_splits = 1
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
+    slots = slots_for(g, int(params.get("SLOTS", 1))) if decode else 1
+    if slots > 1:
+        return _run_decode_slots(
+            q, out, seq_lens, block_tables, bt_batch_stride, k_codes, k_meta, v_codes, v_meta,
+            sinks, opens, kv_heads, n_sink, num_splits, scale, slots, common, launch,
+        )  # fmt: skip
     launch["PREFETCH"] = bool(params.get("PREFETCH", False))
     launch["DOT16"] = bool(params.get("DOT16", False))
     compiled = hack_attn_kernel[grid](
@@ -140,6 +150,34 @@ def run_attention(
         combine_splits_kernel[(b * hq,)](
             part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
         )
+    return out
+
+
+def _run_decode_slots(
+    q, out, seq_lens, block_tables, bt_stride, k_codes, k_meta, v_codes, v_meta, sinks, opens,
+    kv_heads, n_sink, num_splits, scale, slots, common, launch,
+):  # fmt: skip
+    b, hq, _, d = q.shape
+    parts = num_splits * slots
+    part = torch.empty((b, hq, parts, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b, hq, parts, 2), dtype=torch.float32, device=q.device)
+    kc, _, kc_p, kc_h, kc_t = k_codes
+    km, ks, ku, _, km_p, km_h, km_t = k_meta
+    vc, _, vc_p, vc_h, vc_d = v_codes
+    vm, vs, vu, _, vm_p, vm_h, vm_d = v_meta
+    common = {k: v for k, v in common.items() if k in ("D", "PART", "BITS", "GW", "INTERP")}
+    launch = {k: v for k, v in launch.items() if k in ("num_warps", "num_stages")}
+    compiled = hack_decode_slots_kernel[(b * kv_heads, num_splits)](
+        q, q.stride(0), q.stride(1), part, ml, seq_lens, block_tables, bt_stride,
+        kc, kc_p, kc_h, kc_t, km, ks, ku, km_p, km_h, km_t,
+        vc, vc_p, vc_h, vc_d, vm, vs, vu, vm_p, vm_h, vm_d,
+        *sinks, *opens, n_sink, num_splits, kv_heads, hq, scale,
+        G=hq // kv_heads, SLOTS=slots, **common, **launch,
+    )  # fmt: skip
+    LAST_COMPILED[("decode", d, common["PART"])] = compiled
+    combine_splits_kernel[(b * hq,)](
+        part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts))
+    )
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hack_kernels import HackConfig, quantize_kv, reference_attention
+from hack_kernels.triton import launch
 from hack_kernels.triton.decode import decode_attention
 from hack_kernels.triton.paged_cache import PagedHackCache
 from hack_kernels.triton.prefill import prefill_attention
@@ -98,8 +99,10 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("slots", [1, 4])
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_decode_matches_reference(case):
+def test_decode_matches_reference(case, slots, monkeypatch):
+    monkeypatch.setattr(launch, "SLOTS_INTERP", slots)  # 1: hack_attn_kernel, 4: page slots
     d, p, sinks, lens, hq, hk, dtype = case
     gen = torch.Generator().manual_seed(d * 7 + p)
     cfg = HackConfig(partition=p, sink_tokens=sinks)
