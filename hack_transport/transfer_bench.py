@@ -308,6 +308,7 @@ def run_benchmark(
                 for pl in payloads
                 if bw is None or pl.codec in ("raw16", "hack-p64")
                 for kind in kinds
+                if bw is None or kind != "nixl"  # the receiver pulls: no sender-side pacing
             ]
             bar = tqdm(jobs, desc=f"{name} {tokens} tokens", disable=not progress, unit="run")
             for pl, kind, bw in bar:
@@ -423,7 +424,9 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     first = (rows[0]["workload"], rows[0]["tokens"])
     sel = [r for r in rows if (r["workload"], r["tokens"]) == first]
-    codecs = sorted({r["codec"] for r in sel}, key=lambda c: (c != "raw16", c))
+    codecs = sorted(
+        {r["codec"] for r in sel}, key=lambda c: int(c[6:]) if c.startswith("hack-p") else 0
+    )
     kinds = list(dict.fromkeys(r["transport"] for r in sel))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     ax = axes[0]
@@ -472,10 +475,36 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """A readable table of the rows (medians) with the run's metadata."""
+    m = result["meta"]
+    lines = [
+        f"# KV transfer benchmark ({m['date']}, commit {m['commit']})",
+        "",
+        f"{m['device']}; {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; "
+        f"versions {m['versions']}; blocks of {m['block_tokens']} tokens.",
+        "",
+        "| workload | codec | transport | link | bytes % of 16-bit | s/request | GB/s | "
+        "16-bit-eq GB/s | vs raw socket | encode s | decode s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        link = f"{r['bandwidth_gbit']:g} Gbit/s" if r["bandwidth_gbit"] else "unlimited"
+        lines.append(
+            f"| {r['workload']}@{r['tokens']} | {r['codec']} | {r['transport']} | {link} | "
+            f"{100 * r['bytes_ratio']:.2f} | {r['seconds']:.4f} | {r['payload_gbps']:.3f} | "
+            f"{r['equiv_gbps']:.3f} | {r['vs_raw_socket']:.2f} | {r['encode_s']:.4f} | "
+            f"{r['decode_s']:.4f} |"
+        )
+    lines += ["", "Summary:", "", "```", json.dumps(result["summary"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
 def write_results(result: dict, out_dir: Path, stem: str = "transfer") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, png = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     js.write_text(json.dumps(result, indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(result))
     plot(result, png)
     return js, png
 

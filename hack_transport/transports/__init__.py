@@ -31,7 +31,11 @@ def _classes(kind: str) -> tuple[type, type]:
     if kind == "nixl":
         # nixl bundles its own UCX (and protobuf): a NIXL agent created in a process that has
         # already loaded ucxx or grpc_tools aborts the whole process. Refuse instead.
+        nixl_mod = sys.modules.get(f"{__name__}.nixl_transport")
+        started = nixl_mod is not None and nixl_mod.started()
         clash = [m for m in ("ucxx", "grpc_tools._protoc_compiler") if m in sys.modules]
+        if started:  # NIXL's UCX came first: ucxx after it is fine
+            clash = [m for m in clash if m != "ucxx"]
         if clash:
             raise RuntimeError(
                 f"NIXL cannot start in a process that loaded {clash}: create NIXL transports first "

@@ -39,10 +39,18 @@ def _agent(role: str):
 
     name = f"hack-kv-{role}-{os.getpid()}-{next(_ids)}"
     cfg = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
-    return name, nixl_agent(name, cfg)
+    agent = nixl_agent(name, cfg)
+    _state["started"] = True
+    return name, agent
 
 
 _first_agent: list = []
+_state = {"started": False}
+
+
+def started() -> bool:
+    """Whether this process has created a NIXL agent (and so loaded NIXL's UCX)."""
+    return _state["started"]
 
 
 def load_ucx_first() -> None:

@@ -39,7 +39,8 @@ def transfer(
         "smollm2 (K and V captured from the embedded model)",
     ),
     transport: list[str] = typer.Option(
-        ["tcp", "grpc", "ucx"], help="Transports besides the raw socket"
+        [],
+        help="Transports besides the raw socket (default: every installed one of tcp, grpc, ucx, nixl)",
     ),
     partition: list[int] = typer.Option(
         [32, 64, 128], help="HACK partitions to compare with 16-bit"
@@ -66,9 +67,12 @@ def transfer(
             loads.append(tb.Workload(name, tokens, lambda t=tokens: _smollm2(t)))
         else:
             loads.append(tb.synthetic_workload(name, tokens))
+    transport = transport or available_kinds()
     missing = [t for t in transport if t not in available_kinds()]
     if missing:
-        raise typer.BadParameter(f"not installed: {missing} (ucx needs `pip install hack-kv[ucx]`)")
+        raise typer.BadParameter(
+            f"not installed: {missing} (`pip install hack-kv[ucx]` / `[nixl]`)"
+        )
     bws = list(dict.fromkeys(tb.parse_bandwidth(b) for b in bandwidth_limit))
     result = tb.run_benchmark(loads, transport, partition, bws, repeat)
     js, png = tb.write_results(result, out, stem)
