@@ -129,12 +129,29 @@ def _decode(stored: list[bytes], model: wire.ModelIdentity) -> list[wire.Block]:
     return [wire.decode_frame(f, expect_model=model) for f in stored]
 
 
+def _per_layer(split_fn: Callable, kvs: Sequence, model: wire.ModelIdentity, block_tokens: int):
+    """One frame (or more) per layer: what a layer-wise connector (vLLM save_kv_layer) sends."""
+    return [
+        b for i, kv in enumerate(kvs) for b in split_fn([kv], block_tokens, model, layer_start=i)
+    ]
+
+
+def _per_layer_raw(ks, vs, block_tokens, model):
+    return [
+        b
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True))
+        for b in wire.split_raw([k], [v], block_tokens, model, layer_start=i)
+    ]
+
+
 def build_payloads(
     name: str,
     ks: Sequence[torch.Tensor],
     vs: Sequence[torch.Tensor],
     partitions: Sequence[int],
     repeat: int,
+    block_tokens: int = BLOCK_TOKENS,
+    layerwise: bool = False,
 ) -> list[Payload]:
     """Encode the same K and V as raw16 and as HACK at each partition; time encode and decode."""
     layers, (_, heads, _, head_dim) = len(ks), ks[0].shape
@@ -144,14 +161,21 @@ def build_payloads(
         cfg = None if p is None else HackConfig(partition=p)
         model = wire.model_identity(name, layers, heads, head_dim, torch.float16, cfg)
         if cfg is None:
-            split = functools.partial(wire.split_raw, ks, vs, BLOCK_TOKENS, model)
+            if layerwise:
+                split = functools.partial(_per_layer_raw, ks, vs, block_tokens, model)
+            else:
+                split = functools.partial(wire.split_raw, ks, vs, block_tokens, model)
         else:
             # Quantization is the prefill's job, not the wire's: done once, outside the timing.
             uniq: dict[int, object] = {}
             for k, v in zip(ks, vs, strict=True):
                 if id(k) not in uniq:  # synthetic workloads repeat one layer
                     uniq[id(k)] = quantize_kv(k, v, cfg)
-            split = functools.partial(wire.split_kv, [uniq[id(k)] for k in ks], BLOCK_TOKENS, model)
+            kvs = [uniq[id(k)] for k in ks]
+            if layerwise:
+                split = functools.partial(_per_layer, wire.split_kv, kvs, model, block_tokens)
+            else:
+                split = functools.partial(wire.split_kv, kvs, block_tokens, model)
         frames, enc_s = _cpu_time(functools.partial(_encode, split), repeat)
         stored = [b"".join(f) for f in frames]
         _, dec_s = _cpu_time(functools.partial(_decode, stored, model), repeat)
@@ -283,6 +307,8 @@ def run_benchmark(
     bandwidths: Sequence[float | None] = (None,),
     repeat: int = 3,
     progress: bool = True,
+    block_tokens: int = BLOCK_TOKENS,
+    layerwise: bool = False,
 ) -> dict:
     """Every workload x codec x transport (raw socket included) x bandwidth, `repeat` times."""
     from tqdm import tqdm
@@ -300,7 +326,8 @@ def run_benchmark(
         for wl in workloads:
             ks, vs = wl.load()
             name, tokens = wl.name, ks[0].shape[2]
-            payloads = build_payloads(name, ks, vs, partitions, repeat)
+            bt = block_tokens or -(-tokens // 128) * 128  # 0: the whole prompt in one block
+            payloads = build_payloads(name, ks, vs, partitions, repeat, bt, layerwise)
             del ks, vs
             jobs = [
                 (pl, kind, bw)
@@ -347,7 +374,8 @@ def run_benchmark(
             == (r.workload, r.tokens, r.codec, r.bandwidth_gbit)
         )
         r.vs_raw_socket = base.seconds / r.seconds
-    return {"meta": _meta(), "rows": [asdict(r) for r in rows], "summary": summarize(rows)}
+    meta = {**_meta(), "block_tokens": block_tokens or "whole prompt", "layerwise": layerwise}
+    return {"meta": meta, "rows": [asdict(r) for r in rows], "summary": summarize(rows)}
 
 
 def _tiny_frames() -> list:
@@ -411,7 +439,6 @@ def _meta() -> dict:
             for d in ("torch", "grpcio", "ucxx-cu12", "nixl-cu12", "msgpack", "xxhash")
         },
         "device": "CPU loopback (receiver in a child process)",
-        "block_tokens": BLOCK_TOKENS,
     }
 
 
@@ -482,7 +509,8 @@ def markdown(result: dict) -> str:
         f"# KV transfer benchmark ({m['date']}, commit {m['commit']})",
         "",
         f"{m['device']}; {m['cpus']} CPUs, {m['platform']}, Python {m['python']}; "
-        f"versions {m['versions']}; blocks of {m['block_tokens']} tokens.",
+        f"versions {m['versions']}; blocks of {m['block_tokens']} tokens"
+        f"{', one frame per layer' if m.get('layerwise') else ', all layers in each frame'}.",
         "",
         "| workload | codec | transport | link | bytes % of 16-bit | s/request | GB/s | "
         "16-bit-eq GB/s | vs raw socket | encode s | decode s |",

@@ -297,6 +297,14 @@ def _slice_tokens(qt: QuantizedTensor, token_axis: int, start: int, stop: int) -
     return {p: getattr(qt, p).narrow(ax, start, stop - start) for p in QUANT_PARTS}
 
 
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Layers stacked on a new leading axis; one contiguous layer is a view (no copy), so a
+    layer-wise, whole-prompt block encodes without copying."""
+    if len(ts) == 1:
+        return ts[0].unsqueeze(0).contiguous()
+    return torch.stack(ts)
+
+
 def split_kv(
     kvs: Sequence[QuantizedKV],
     block_tokens: int,
@@ -378,7 +386,7 @@ def split_kv(
                 tokens=(t0, t1),
                 heads=(h0, h1),
                 sections=(sink, c1 - c0, open_),
-                tensors={n: torch.stack(ts).contiguous() for n, ts in tensors.items()},
+                tensors={n: _stack(ts) for n, ts in tensors.items()},
                 tp=tp,
             )
         )
@@ -395,8 +403,7 @@ def split_raw(
     tp: tuple[int, int] = (0, 1),
 ) -> list[Block]:
     """The 16-bit baseline: per-layer K and V [B, H, T, D] in blocks of `block_tokens` tokens."""
-    k = torch.stack(list(ks))
-    v = torch.stack(list(vs))
+    k, v = _stack(list(ks)), _stack(list(vs))
     if k.shape != v.shape or k.dim() != 5 or k.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"raw16 needs equal 16-bit K and V of [B, H, T, D], got {tuple(k.shape)} {k.dtype}"

@@ -50,6 +50,12 @@ def transfer(
         help="Token-bucket link emulation, e.g. 10gbit; none = unlimited",
     ),
     repeat: int = typer.Option(3, min=1, help="Repeats per measurement (median)"),
+    block_tokens: int = typer.Option(
+        256, min=0, help="Tokens per block (a multiple of 128; 0 = the whole prompt in one block)"
+    ),
+    layerwise: bool = typer.Option(
+        False, help="One frame per layer instead of all layers per frame"
+    ),
     out: Path = typer.Option(
         Path("benchmarks/results"), help="Directory for transfer.json and transfer.png"
     ),
@@ -74,7 +80,11 @@ def transfer(
             f"not installed: {missing} (`pip install hack-kv[ucx]` / `[nixl]`)"
         )
     bws = list(dict.fromkeys(tb.parse_bandwidth(b) for b in bandwidth_limit))
-    result = tb.run_benchmark(loads, transport, partition, bws, repeat)
+    if block_tokens % 128:
+        raise typer.BadParameter("--block-tokens must be a multiple of 128 (every partition)")
+    result = tb.run_benchmark(
+        loads, transport, partition, bws, repeat, block_tokens=block_tokens, layerwise=layerwise
+    )
     js, png = tb.write_results(result, out, stem)
     _print(result)
     Console().print(f"wrote {js} and {png}")
