@@ -419,6 +419,11 @@ def serve(config: ServeConfig) -> None:
     info = {"port": port, "metrics_port": metrics_port, "pid": os.getpid()}
     shown = {k: v for k, v in asdict(config).items() if k != "token"}
     log.info("serving", extra={**info, "config": shown, "tls": bool(config.tls_cert)})
+    if config.host not in ("127.0.0.1", "::1", "localhost") and not config.token:
+        log.warning(
+            "serving beyond loopback without a token: anyone who reaches the port can read and write",
+            extra={"host": config.host},
+        )
     if config.ready_file:
         _write_ready(config.ready_file, info)
     stop.wait()
