@@ -94,10 +94,12 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     if tune:
         best = None
         # measured on the H100 (notes): 8 warps, PREFETCH and DOT16 were slower; sweep the rest
-        for waves, slots in [(w, sl) for w in (4, 16) for sl in (1, 2, 4)]:
+        grid = [(4, 16, 1, False), (4, 16, 4, False), (4, 4, 1, True), (4, 8, 1, True),
+                (4, 16, 1, True), (4, 32, 1, True), (8, 16, 1, True)]  # fmt: skip
+        for nw, waves, slots, tr in grid:
             launch.TUNED[key] = {
-                "num_warps": 4, "num_stages": 1, "waves": waves,
-                "PREFETCH": False, "DOT16": False, "SLOTS": slots,
+                "num_warps": nw, "num_stages": 1, "waves": waves, "PREFETCH": False,
+                "DOT16": False, "SLOTS": slots, "TRANSPOSED": tr,
             }  # fmt: skip
             us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
             print(f"    {launch.TUNED[key]}: {us:.1f} us", flush=True)

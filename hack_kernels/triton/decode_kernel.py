@@ -148,3 +148,139 @@ def slots_for(group: int, want: int) -> int:
 
 
 _ = triton  # imported for the decorator's module
+
+
+@triton.jit
+def _quant8_cols(x):
+    """_quant8_rows along axis 0: 8-bit codes of each column of x (float32 [W, R], all valid)."""
+    lo = tl.min(x, axis=0)
+    hi = tl.max(x, axis=0)
+    s = (hi - lo) / 255.0
+    for _ in tl.static_range(2):
+        top = lo + tl.maximum(s * 255.0, 0.0)
+        s = tl.where(top < hi, (s.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s)
+    inv = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s), 0.0)
+    c = tl.minimum(tl.floor((x - lo[None, :]) * inv[None, :] + 0.5), 255.0).to(tl.int32)
+    return (c - 128).to(tl.int8), lo, s, tl.sum(c, axis=0).to(tl.float32)
+
+
+@triton.jit
+def hack_decode_t_kernel(
+    q_ptr, sq_b, sq_h,
+    o_ptr, ml_ptr,
+    seq_ptr, bt_ptr, sbt_b,
+    kc_ptr, skc_p, skc_h, skc_t,
+    km_ptr, kss_ptr, ksum_ptr, skm_p, skm_h, skm_t,
+    vc_ptr, svc_p, svc_h, svc_d,
+    vm_ptr, vss_ptr, vsum_ptr, svm_p, svm_h, svm_d,
+    ks_ptr, vs_ptr, sks_b, sks_h, sks_t,
+    ko_ptr, vo_ptr, sko_b, sko_h, sko_t,
+    NSINK, NSPLIT, HKV, HQ, qk_scale,
+    D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, GW: tl.constexpr,
+    G: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Decode in the transposed orientation: scores^T = K_codes . Q^T and out^T = V^T_codes . P^T,
+    so the large code tiles are the A operands in the order they unpack in (K: tokens x D-group,
+    V: channels x tokens, both contiguous along the reduction) and only the small Q^T / P^T
+    tiles are rearranged. Same math as hack_attn_kernel."""
+    ROWS: tl.constexpr = 16
+    PER: tl.constexpr = 8 // BITS
+    GD: tl.constexpr = D // GW
+    KB: tl.constexpr = GW // PER
+    b = tl.program_id(0) // HKV
+    kvh = tl.program_id(0) % HKV
+    split = tl.program_id(1)
+    r = tl.arange(0, ROWS)
+    head = kvh * G + r
+    row_ok = r < G
+    T = tl.load(seq_ptr + b)
+    qoff = b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h
+    n_sink = tl.minimum(T, NSINK)
+    n_pages = (T - n_sink) // PART
+    n_open = T - n_sink - n_pages * PART
+    q_abs = T - 1 + tl.zeros([ROWS], tl.int32)
+
+    # 16-bit tokens (sinks on split 0, the open page on the last) in row orientation
+    m16 = tl.full([ROWS], -float("inf"), tl.float32)
+    l16 = tl.zeros([ROWS], tl.float32)
+    acc16 = tl.zeros([ROWS, D], tl.float32)
+    if split == 0:
+        m16, l16, acc16 = _attend16(
+            q_ptr, qoff, row_ok, q_abs, ks_ptr, vs_ptr,
+            b.to(tl.int64) * sks_b + kvh * sks_h, sks_t, n_sink, 0,
+            m16, l16, acc16, qk_scale, D, 16, False, INTERP,
+        )  # fmt: skip
+    if split == NSPLIT - 1:
+        m16, l16, acc16 = _attend16(
+            q_ptr, qoff, row_ok, q_abs, ko_ptr, vo_ptr,
+            b.to(tl.int64) * sko_b + kvh * sko_h, sko_t, n_open, n_sink + n_pages * PART,
+            m16, l16, acc16, qk_scale, D, 16, False, INTERP,
+        )  # fmt: skip
+
+    qc0, sq0, bq0, aq0 = _q_group(q_ptr, qoff, row_ok, 0, GW, qk_scale)
+    qc1, sq1, bq1, aq1 = qc0, sq0, bq0, aq0
+    qc2, sq2, bq2, aq2 = qc0, sq0, bq0, aq0
+    qc3, sq3, bq3, aq3 = qc0, sq0, bq0, aq0
+    if GD > 1:
+        qc1, sq1, bq1, aq1 = _q_group(q_ptr, qoff, row_ok, 1, GW, qk_scale)
+    if GD > 2:
+        qc2, sq2, bq2, aq2 = _q_group(q_ptr, qoff, row_ok, 2, GW, qk_scale)
+        qc3, sq3, bq3, aq3 = _q_group(q_ptr, qoff, row_ok, 3, GW, qk_scale)
+    qt0 = tl.trans(qc0)
+    qt1 = tl.trans(qc1)
+    qt2 = tl.trans(qc2)
+    qt3 = tl.trans(qc3)
+
+    m_i = tl.full([ROWS], -float("inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([D, ROWS], tl.float32)  # out^T
+    pps = tl.cdiv(n_pages, NSPLIT)
+    p_lo = split * pps
+    p_hi = tl.minimum(p_lo + pps, n_pages)
+    tok = tl.arange(0, PART)
+    dch = tl.arange(0, D)
+    kbyte = tl.arange(0, KB)
+    vbyte = tl.arange(0, PART // PER)
+    for j in range(p_lo, p_hi):
+        pg = tl.load(bt_ptr + b * sbt_b + j).to(tl.int64)
+        kptr = kc_ptr + pg * skc_p + kvh * skc_h + tok[:, None] * skc_t + kbyte[None, :]
+        kmoff = pg * skm_p + kvh * skm_h + tok * skm_t
+        s = tl.zeros([PART, ROWS], tl.float32)  # scores^T
+        for g in tl.static_range(GD):
+            kc = _unpack(tl.load(kptr + g * (PART // PER)), PART, KB, BITS)  # [tokens, GW]
+            dot = tl.dot(kc, _pick(g, qt0, qt1, qt2, qt3), out_dtype=tl.int32)
+            mk = tl.load(km_ptr + kmoff + g).to(tl.float32)
+            sk = tl.load(kss_ptr + kmoff + g).to(tl.float32)
+            sumk = tl.load(ksum_ptr + kmoff + g).to(tl.float32)
+            s += (sk[:, None] * _pick(g, sq0, sq1, sq2, sq3)[None, :]) * dot.to(tl.float32)
+            s += (sk * sumk)[:, None] * _pick(g, bq0, bq1, bq2, bq3)[None, :]
+            s += mk[:, None] * _pick(g, aq0, aq1, aq2, aq3)[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        pc, mp, sp, sump = _quant8_cols(p)  # [tokens, rows]
+        vptr = vc_ptr + pg * svc_p + kvh * svc_h + dch[:, None] * svc_d + vbyte[None, :]
+        vc = _unpack(tl.load(vptr), D, PART // PER, BITS)  # [D, tokens]
+        pv = tl.dot(vc, pc, out_dtype=tl.int32)  # [D, rows]
+        vmoff = pg * svm_p + kvh * svm_h + dch * svm_d
+        mv = tl.load(vm_ptr + vmoff).to(tl.float32)
+        sv = tl.load(vss_ptr + vmoff).to(tl.float32)
+        sumv = tl.load(vsum_ptr + vmoff).to(tl.float32)
+        acc = acc * alpha[None, :] + (sv[:, None] * sp[None, :]) * pv.to(tl.float32)
+        acc += (sv * sumv)[:, None] * (128.0 * sp + mp)[None, :]
+        acc += mv[:, None] * (sp * sump + PART * mp)[None, :]
+        m_i = m_new
+
+    # merge the code pages' state with the 16-bit tokens' state, back in row orientation
+    m = tl.maximum(m_i, m16)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)
+    w_c = tl.exp2(m_i - m_safe)
+    w_16 = tl.exp2(m16 - m_safe)
+    out = tl.trans(acc) * w_c[:, None] + acc16 * w_16[:, None]
+    lsum = l_i * w_c + l16 * w_16
+    part = (b.to(tl.int64) * HQ + head) * NSPLIT + split
+    tl.store(o_ptr + part[:, None] * D + dch[None, :], out, mask=row_ok[:, None])
+    tl.store(ml_ptr + part * 2, m, mask=row_ok)
+    tl.store(ml_ptr + part * 2 + 1, lsum, mask=row_ok)

@@ -99,10 +99,12 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("slots", [1, 4])
+@pytest.mark.parametrize("kernel", ["rows", "slots", "transposed"])
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_decode_matches_reference(case, slots, monkeypatch):
-    monkeypatch.setattr(launch, "SLOTS_INTERP", slots)  # 1: hack_attn_kernel, 4: page slots
+def test_decode_matches_reference(case, kernel, monkeypatch):
+    # rows: hack_attn_kernel; slots: hack_decode_slots_kernel; transposed: hack_decode_t_kernel
+    monkeypatch.setattr(launch, "SLOTS_INTERP", 4 if kernel == "slots" else 1)
+    monkeypatch.setattr(launch, "TRANSPOSED_INTERP", kernel == "transposed")
     d, p, sinks, lens, hq, hk, dtype = case
     gen = torch.Generator().manual_seed(d * 7 + p)
     cfg = HackConfig(partition=p, sink_tokens=sinks)
