@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .store import KVStore
@@ -79,6 +79,15 @@ class ServiceMetrics:
         self.bytes_out = Counter(
             "hack_kv_store_bytes_out", "Value bytes sent by Get", registry=self.registry
         )
+
+    def track_inflight(self, read_bytes) -> None:
+        """Export the bytes of puts being received now (read_bytes() at scrape time)."""
+        g = Gauge(
+            "hack_kv_store_inflight_put_bytes",
+            "Bytes of puts being received",
+            registry=self.registry,
+        )
+        g.set_function(read_bytes)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on `port` (0: any free port); returns the port."""

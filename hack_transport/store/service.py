@@ -137,6 +137,7 @@ class StoreServicer(pb_grpc.KVStoreServicer):
         self.metrics = metrics
         self.draining = False
         self.inflight = ByteBudget(config.max_inflight_bytes)
+        metrics.track_inflight(lambda: self.inflight.used)
         self._validate = _frame_validator() if config.verify_frames else None
 
     @contextlib.contextmanager

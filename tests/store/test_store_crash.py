@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -74,9 +76,15 @@ def test_kill9_during_puts_then_restart(start_server, tmp_path):
     )
 
 
+def inflight_bytes(server) -> float:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return float(re.search(r"^hack_kv_store_inflight_put_bytes (\S+)$", text, re.M).group(1))
+
+
 def test_sigterm_finishes_in_flight_puts_and_discards_stalled_ones(start_server, tmp_path):
     disk = str(tmp_path / "disk")
-    server = start_server("--disk-dir", disk, "--grace", "2")
+    server = start_server("--disk-dir", disk, "--grace", "2", "--metrics-port", "0")
     c = server.client()
     data = value(1)
     gate, late_gate = threading.Event(), threading.Event()
@@ -102,7 +110,10 @@ def test_sigterm_finishes_in_flight_puts_and_discards_stalled_ones(start_server,
     stalled = threading.Thread(target=run, args=("stalled", key(2), late_gate))
     finishing.start()
     stalled.start()
-    time.sleep(1.0)  # both streams are open on the server
+    deadline = time.monotonic() + 20
+    while inflight_bytes(server) != 2 * len(data):  # both streams are open on the server
+        assert time.monotonic() < deadline, "the two puts never reached the server"
+        time.sleep(0.05)
     server.proc.terminate()
     time.sleep(0.5)
     gate.set()  # the first put completes inside the grace period
