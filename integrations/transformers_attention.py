@@ -39,20 +39,21 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -
     return pads
 
 
-def _triton_attention():
-    try:
-        from hack_kernels.triton import hack_attention  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return hack_attention
+def triton_supports(q: torch.Tensor, qkv: QuantizedKV) -> bool:
+    """Whether hack_kernels.triton's kernel covers this call (CUDA, paper layout, 2/4 bits)."""
+    cfg = qkv.config
+    return q.is_cuda and cfg.layout == "paper" and cfg.bits in (2, 4) and q.shape[-1] in (64, 128)
 
 
 def attend_quantized(q: torch.Tensor, qkv: QuantizedKV, scaling: float) -> torch.Tensor:
-    """q [1, Hq, M, D] over qkv, causal with q the newest M tokens; float32 [1, Hq, M, D]."""
-    if q.is_cuda:
-        kernel = _triton_attention()
-        if kernel is not None:
-            return kernel(q, qkv, sm_scale=scaling)
+    """q [1, Hq, M, D] over qkv, causal with q the newest M tokens; [1, Hq, M, D].
+
+    The Triton kernel on CUDA where it covers the layout, else reference_attention (the same math).
+    """
+    if triton_supports(q, qkv):
+        from hack_kernels.triton import attend_quantized as triton_attend
+
+        return triton_attend(q, qkv, causal=True, sm_scale=scaling, out_dtype=torch.float32)
     return reference_attention(q, qkv, causal=True, sm_scale=scaling)
 
 

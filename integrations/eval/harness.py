@@ -18,8 +18,9 @@ GEN_METHODS = (
     "16-bit",
     "HACK 2b p64 paper",
     "HACK 2b p64 kivi s4",
-    "HACK 4b p64 kivi",
+    "HACK 4b p64 kivi s4",
     "KIVI-style 2b g32 r128",
+    "KIVI-style 4b g32 r128",
 )
 
 
@@ -34,7 +35,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    n_score=3, context_len=320, target_len=40, n_gen_humaneval=3, n_gen_gsm8k=1, gen_tokens=20
+    n_score=4, context_len=320, target_len=40, n_gen_humaneval=5, n_gen_gsm8k=1, gen_tokens=20
 )
 CI = Sizes(n_score=1, context_len=96, target_len=12, n_gen_humaneval=1, n_gen_gsm8k=0, gen_tokens=4)
 

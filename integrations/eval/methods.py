@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from hack_kernels import HackConfig
+from hack_kernels import HackConfig, dequantize_kv
 
 from ..transformers_cache import HackCache
 from . import baselines
@@ -18,7 +18,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [1, kv_heads, T, head
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "fp16", "hack", "kivi", "cachegen", "kvquant"
+    kind: str  # "fp16", "hack", "hack_dq", "kivi", "cachegen", "kvquant"
     bits: int = 16
     hack: HackConfig | None = field(default=None)
 
@@ -37,6 +37,14 @@ def hack_method(bits: int, partition: int, layout: str, sinks: int = 0) -> Metho
 FP16 = Method("16-bit", "fp16")
 KIVI2 = Method("KIVI-style 2b g32 r128", "kivi", 2)
 KIVI4 = Method("KIVI-style 4b g32 r128", "kivi", 4)
+# Diagnostic: HACK's codes dequantized and attended in float (no 8-bit Q and P), to separate the
+# error of the 2-bit K/V codes from that of HACK's integer attention arithmetic.
+HACK_DQ = Method(
+    "HACK 2b p64 kivi s4, dequantized + float attention",
+    "hack_dq",
+    2,
+    HackConfig(bits=2, partition=64, layout="kivi", sink_tokens=4),
+)
 CACHEGEN = Method("CacheGen-like 4/3/2b", "cachegen", 3)
 KVQUANT3 = Method("KVQuant-like 3b pre-RoPE 1%", "kvquant", 3)
 
@@ -46,7 +54,7 @@ def default_methods() -> list[Method]:
     hack += [hack_method(2, 64, lay, sinks=4) for lay in ("paper", "kivi")]
     hack += [hack_method(4, 64, lay) for lay in ("paper", "kivi")]
     hack += [hack_method(4, 64, "kivi", sinks=4)]
-    return [FP16, *hack, KIVI2, KIVI4, CACHEGEN, KVQUANT3]
+    return [FP16, *hack, HACK_DQ, KIVI2, KIVI4, CACHEGEN, KVQUANT3]
 
 
 def find_method(name: str) -> Method:
@@ -68,6 +76,10 @@ def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
     if method.kind == "hack":
         cache = HackCache.from_kv(kv16, method.hack)
         return cache, float(cache.nbytes)
+    if method.kind == "hack_dq":
+        hack = HackCache.from_kv(kv16, method.hack)
+        kv16 = [dequantize_kv(layer.rows[0]) for layer in hack.layers]
+        return _dynamic(kv16), float(hack.nbytes)
     out, nbytes = [], 0.0
     cos_sin = rope(kv16[0][0].shape[2]) if method.kind == "kvquant" else None
     for i, (k, v) in enumerate(kv16):
@@ -83,7 +95,11 @@ def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
             raise ValueError(f"unknown method kind {method.kind!r}")
         out.append((kq, vq))
         nbytes += nb
+    return _dynamic(out), nbytes
+
+
+def _dynamic(kv: KV) -> DynamicCache:
     cache = DynamicCache()
-    for i, (k, v) in enumerate(out):
+    for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
-    return cache, nbytes
+    return cache

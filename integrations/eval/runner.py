@@ -27,6 +27,7 @@ class Records:
     score: dict[str, list[dict]] = field(default_factory=dict)  # method -> per-sample metrics
     gen: dict[str, list[dict]] = field(default_factory=dict)
     nbytes: dict[str, list[float]] = field(default_factory=dict)  # method -> bytes / 16-bit bytes
+    bits: dict[str, int] = field(default_factory=dict)
 
 
 def _set_attn(model, name: str) -> None:
@@ -82,6 +83,7 @@ def score(
             row["dataset"] = s.dataset
             rec.score.setdefault(m.name, []).append(row)
             rec.nbytes.setdefault(m.name, []).append(nbytes / full16)
+            rec.bits[m.name] = m.bits
             bar.update()
     bar.close()
 
