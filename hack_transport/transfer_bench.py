@@ -40,6 +40,8 @@ RAW = "raw-socket"
 
 @dataclass
 class Row:
+    """One median measurement; raw-socket rows are paired with the transport measured beside them."""
+
     workload: str
     tokens: int
     codec: str
@@ -54,6 +56,27 @@ class Row:
     encode_s: float
     decode_s: float
     vs_raw_socket: float | None = None
+    paired_with: str | None = None
+
+
+def _row(name, tokens, pl, who, bw, secs, raw_s, paired) -> Row:
+    return Row(
+        workload=name,
+        tokens=tokens,
+        codec=pl.codec,
+        transport=who,
+        bandwidth_gbit=bw / 1e9 if bw else None,
+        wire_bytes=pl.wire_bytes,
+        bytes_16bit=pl.bytes_16bit,
+        bytes_ratio=pl.wire_bytes / pl.bytes_16bit,
+        seconds=secs,
+        payload_gbps=pl.wire_bytes / secs / 1e9,
+        equiv_gbps=pl.bytes_16bit / secs / 1e9,
+        encode_s=pl.encode_s,
+        decode_s=pl.decode_s,
+        vs_raw_socket=raw_s / secs,
+        paired_with=paired,
+    )
 
 
 def parse_bandwidth(text: str) -> float | None:
@@ -313,16 +336,15 @@ def run_benchmark(
     """Every workload x codec x transport (raw socket included) x bandwidth, `repeat` times."""
     from tqdm import tqdm
 
-    kinds = [RAW, *[t for t in transports if t != RAW]]
+    kinds = [t for t in transports if t != RAW]
     if "nixl" in kinds:  # NIXL's UCX must load before ucxx's in this (sender) process
         from .transports.nixl_transport import load_ucx_first
 
         load_ucx_first()
-    servers = {k: ReceiverProcess(k) for k in kinds}
     rows: list[Row] = []
+    raw_srv = ReceiverProcess(RAW)
     try:
-        for k, srv in servers.items():  # warm up connections and imports
-            send_once(k, srv.port, [[b"\0" * 64]] if k == RAW else _tiny_frames(), None)
+        send_once(RAW, raw_srv.port, [[b"\0" * 64]], None)
         for wl in workloads:
             ks, vs = wl.load()
             name, tokens = wl.name, ks[0].shape[2]
@@ -330,50 +352,40 @@ def run_benchmark(
             payloads = build_payloads(name, ks, vs, partitions, repeat, bt, layerwise)
             del ks, vs
             jobs = [
-                (pl, kind, bw)
+                (kind, pl, bw)
+                for kind in kinds
                 for bw in bandwidths
                 for pl in payloads
                 if bw is None or pl.codec in ("raw16", "hack-p64")
-                for kind in kinds
                 if bw is None or kind != "nixl"  # the receiver pulls: no sender-side pacing
             ]
             bar = tqdm(jobs, desc=f"{name} {tokens} tokens", disable=not progress, unit="run")
-            for pl, kind, bw in bar:
-                bar.set_postfix_str(f"{pl.codec} {kind} {bw / 1e9 if bw else 'max'}")
-                secs = statistics.median(
-                    send_once(kind, servers[kind].port, pl.frames, bw) for _ in range(repeat)
-                )
-                rows.append(
-                    Row(
-                        workload=name,
-                        tokens=tokens,
-                        codec=pl.codec,
-                        transport=kind,
-                        bandwidth_gbit=bw / 1e9 if bw else None,
-                        wire_bytes=pl.wire_bytes,
-                        bytes_16bit=pl.bytes_16bit,
-                        bytes_ratio=pl.wire_bytes / pl.bytes_16bit,
-                        seconds=secs,
-                        payload_gbps=pl.wire_bytes / secs / 1e9,
-                        equiv_gbps=pl.bytes_16bit / secs / 1e9,
-                        encode_s=pl.encode_s,
-                        decode_s=pl.decode_s,
-                    )
-                )
+            srv, srv_kind = None, None
+            try:
+                for kind, pl, bw in bar:
+                    # One transport's receiver at a time: idle UCX/NIXL receivers poll and
+                    # would take CPU from the others on this 2-core machine.
+                    if kind != srv_kind:
+                        if srv is not None:
+                            srv.close()
+                        srv, srv_kind = ReceiverProcess(kind), kind
+                        send_once(kind, srv.port, _tiny_frames(), None)  # warm-up
+                    bar.set_postfix_str(f"{pl.codec} {kind} {bw / 1e9 if bw else 'max'}")
+                    # The raw socket runs back to back with the transport, on the same bytes.
+                    times = {RAW: [], kind: []}
+                    for _ in range(repeat):
+                        times[RAW].append(send_once(RAW, raw_srv.port, pl.frames, bw))
+                        times[kind].append(send_once(kind, srv.port, pl.frames, bw))
+                    raw_s, secs = statistics.median(times[RAW]), statistics.median(times[kind])
+                    for who, t in ((RAW, raw_s), (kind, secs)):
+                        rows.append(_row(name, tokens, pl, who, bw, t, raw_s, paired=kind))
+            finally:
+                close_senders()
+                if srv is not None:
+                    srv.close()
             del payloads
     finally:
-        close_senders()
-        for srv in servers.values():
-            srv.close()
-    for r in rows:
-        base = next(
-            x
-            for x in rows
-            if x.transport == RAW
-            and (x.workload, x.tokens, x.codec, x.bandwidth_gbit)
-            == (r.workload, r.tokens, r.codec, r.bandwidth_gbit)
-        )
-        r.vs_raw_socket = base.seconds / r.seconds
+        raw_srv.close()
     meta = {**_meta(), "block_tokens": block_tokens or "whole prompt", "layerwise": layerwise}
     return {"meta": meta, "rows": [asdict(r) for r in rows], "summary": summarize(rows)}
 
@@ -450,7 +462,12 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     first = (rows[0]["workload"], rows[0]["tokens"])
-    sel = [r for r in rows if (r["workload"], r["tokens"]) == first]
+    sel, seen = [], set()
+    for r in rows:  # the first raw-socket row of each pair set is enough for the picture
+        key = (r["workload"], r["tokens"], r["codec"], r["transport"], r["bandwidth_gbit"])
+        if (r["workload"], r["tokens"]) == first and key not in seen:
+            seen.add(key)
+            sel.append(r)
     codecs = sorted(
         {r["codec"] for r in sel}, key=lambda c: int(c[6:]) if c.startswith("hack-p") else 0
     )
@@ -518,8 +535,11 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         link = f"{r['bandwidth_gbit']:g} Gbit/s" if r["bandwidth_gbit"] else "unlimited"
+        who = r["transport"]
+        if who == RAW and r.get("paired_with"):
+            who = f"raw-socket (beside {r['paired_with']})"
         lines.append(
-            f"| {r['workload']}@{r['tokens']} | {r['codec']} | {r['transport']} | {link} | "
+            f"| {r['workload']}@{r['tokens']} | {r['codec']} | {who} | {link} | "
             f"{100 * r['bytes_ratio']:.2f} | {r['seconds']:.4f} | {r['payload_gbps']:.3f} | "
             f"{r['equiv_gbps']:.3f} | {r['vs_raw_socket']:.2f} | {r['encode_s']:.4f} | "
             f"{r['decode_s']:.4f} |"

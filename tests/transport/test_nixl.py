@@ -21,7 +21,7 @@ def test_nixl_transport_cases():
     env = {**os.environ, "HACK_KV_TEST_NIXL": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(REPO / "tests/transport/test_transports.py")],
+         str(REPO / "tests/transport/test_transports.py"), "-k", "nixl"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     tail = proc.stdout[-3000:]
