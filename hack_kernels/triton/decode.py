@@ -40,8 +40,10 @@ def decode_attention(
         block_tables = block_tables.contiguous()
     if max_pages is None:
         max_pages = max((cache.num_tokens(i) - cache.config.sink_tokens) // p for i in range(b))
-    waves = launch_params("decode", d, p).get("waves", 4)
-    splits = num_splits or choose_splits(b, h, max_pages, waves)
+    params = launch_params("decode", d, p)
+    splits = num_splits or choose_splits(
+        b, h, max_pages, params.get("waves", 4), params.get("min_pages", 1)
+    )
     if out is None:
         out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or not out.is_contiguous():  # any float dtype

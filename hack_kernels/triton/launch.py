@@ -196,9 +196,12 @@ def _run_decode_slots(
     return out
 
 
-def choose_splits(batch: int, kv_heads: int, max_pages: int, waves: int = 4, sms: int = 132) -> int:
-    """Split-K factor: about `waves` programs per multiprocessor, never more splits than pages."""
+def choose_splits(
+    batch: int, kv_heads: int, max_pages: int, waves: int = 4, min_pages: int = 1, sms: int = 132
+) -> int:
+    """Split-K factor: about `waves` programs per multiprocessor, at least `min_pages` pages a
+    split (each split pays Q quantization and a partial to merge)."""
     if max_pages <= 0:
         return 1
     want = triton.cdiv(waves * sms, batch * kv_heads)
-    return int(max(1, min(want, max_pages, 64)))
+    return int(max(1, min(want, max_pages // max(1, min_pages), 64)))
