@@ -16,8 +16,9 @@ from hack_kernels.triton import launch  # noqa: E402
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 
 cfg = HackConfig()
-for model, batch, ctx in [("llama8b_d128", 1, 1024), ("llama8b_d128", 1, 4096), ("llama8b_d128", 16, 1024),
-                          ("llama8b_d128", 1, 32768), ("d64", 1, 4096)]:  # fmt: skip
+
+
+def case(model: str, batch: int, ctx: int) -> None:
     hq, hk, d = MODELS[model]
     k = torch.randn(batch, hk, ctx, d, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
@@ -33,3 +34,8 @@ for model, batch, ctx in [("llama8b_d128", 1, 1024), ("llama8b_d128", 1, 4096), 
         res.append((minp, round(bench(lambda: decode_attention(q, cache, max_pages=mp)), 1)))
     launch.TUNED[key] = base
     print(model, batch, ctx, "sdpa", round(sd, 1), res, flush=True)
+
+
+for args in [("llama8b_d128", 1, 1024), ("llama8b_d128", 1, 4096), ("llama8b_d128", 16, 1024),
+             ("llama8b_d128", 1, 32768), ("d64", 1, 4096)]:  # fmt: skip
+    case(*args)
