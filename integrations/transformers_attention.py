@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hack_kernels import QuantizedKV, reference_attention
+from hack_kernels import QuantizedKV, dequantize_kv, reference_attention
 
 from .transformers_cache import HackCacheError, active_layer
 
@@ -57,6 +57,16 @@ def attend_quantized(q: torch.Tensor, qkv: QuantizedKV, scaling: float) -> torch
     return reference_attention(q, qkv, causal=True, sm_scale=scaling)
 
 
+def float_attention(q: torch.Tensor, qkv: QuantizedKV, scaling: float) -> torch.Tensor:
+    """Diagnostic: the stored K/V dequantized, then causal attention in float32."""
+    k, v = dequantize_kv(qkv)  # [1, H, T, D]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    m, t = q.shape[2], k.shape[2]
+    allowed = torch.ones(m, t, dtype=torch.bool, device=q.device).tril(t - m)
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, allowed, scale=scaling)
+
+
 def hack_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -75,9 +85,8 @@ def hack_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.cat(
-        [attend_quantized(query[b : b + 1], row, scale) for b, row in enumerate(layer.rows)]
-    )
+    attend = float_attention if layer.float_attention else attend_quantized
+    out = torch.cat([attend(query[b : b + 1], row, scale) for b, row in enumerate(layer.rows)])
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

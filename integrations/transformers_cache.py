@@ -33,9 +33,10 @@ class HackLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, config: HackConfig):
+    def __init__(self, config: HackConfig, float_attention: bool = False):
         super().__init__()
         self.config = config
+        self.float_attention = float_attention  # diagnostic: dequantize, then float attention
         self.rows: list[QuantizedKV] = []
         self.pads: list[int] = []  # left padding of each row, stripped from its QuantizedKV
         self.length = 0  # padded length, the sequence axis transformers sees
@@ -115,17 +116,20 @@ class HackCache(Cache):
     """KV cache in HACK form for `model.generate(past_key_values=HackCache(config))`.
 
     Needs the model to attend through the "hack" attention function (enable_hack(model)).
+    float_attention=True is a diagnostic: the same stored codes, attended after dequantization in
+    float (no 8-bit Q and P), to separate the codes' error from that of HACK's integer arithmetic.
     """
 
-    def __init__(self, config: HackConfig | None = None):
+    def __init__(self, config: HackConfig | None = None, float_attention: bool = False):
         self.config = config or HackConfig()
+        self.float_attention = float_attention
         super().__init__(layers=[])
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ):
         while len(self.layers) <= layer_idx:
-            self.layers.append(HackLayer(self.config))
+            self.layers.append(HackLayer(self.config, self.float_attention))
         out = self.layers[layer_idx].update(key_states, value_states)
         _ACTIVE.state = (self, layer_idx)
         return out
@@ -140,12 +144,15 @@ class HackCache(Cache):
 
     @classmethod
     def from_kv(
-        cls, kv: list[tuple[torch.Tensor, torch.Tensor]], config: HackConfig | None = None
+        cls,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        config: HackConfig | None = None,
+        float_attention: bool = False,
     ) -> HackCache:
         """A cache holding already-computed K/V [B, H, T, D] per layer (no padding), quantized now."""
-        cache = cls(config)
+        cache = cls(config, float_attention)
         for k, v in kv:
-            layer = HackLayer(cache.config)
+            layer = HackLayer(cache.config, float_attention)
             layer.lazy_initialization(k, v)
             layer.rows = [
                 quantize_kv(k[b : b + 1], v[b : b + 1], cache.config) for b in range(k.shape[0])

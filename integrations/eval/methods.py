@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from hack_kernels import HackConfig, dequantize_kv
+from hack_kernels import HackConfig
 
 from ..transformers_cache import HackCache
 from . import baselines
@@ -25,7 +25,7 @@ class Method:
     @property
     def attn(self) -> str:
         """The attention implementation decode runs with."""
-        return "hack" if self.kind == "hack" else "sdpa"
+        return "hack" if self.kind in ("hack", "hack_dq") else "sdpa"
 
 
 def hack_method(bits: int, partition: int, layout: str, sinks: int = 0) -> Method:
@@ -37,10 +37,10 @@ def hack_method(bits: int, partition: int, layout: str, sinks: int = 0) -> Metho
 FP16 = Method("16-bit", "fp16")
 KIVI2 = Method("KIVI-style 2b g32 r128", "kivi", 2)
 KIVI4 = Method("KIVI-style 4b g32 r128", "kivi", 4)
-# Diagnostic: HACK's codes dequantized and attended in float (no 8-bit Q and P), to separate the
-# error of the 2-bit K/V codes from that of HACK's integer attention arithmetic.
+# Diagnostic: the same HACK cache (codes, groups closing as decode goes), attended after
+# dequantization in float (no 8-bit Q and P): separates the codes' error from the arithmetic's.
 HACK_DQ = Method(
-    "HACK 2b p64 kivi s4, dequantized + float attention",
+    "HACK 2b p64 kivi s4, float attention over its codes",
     "hack_dq",
     2,
     HackConfig(bits=2, partition=64, layout="kivi", sink_tokens=4),
@@ -77,9 +77,8 @@ def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
         cache = HackCache.from_kv(kv16, method.hack)
         return cache, float(cache.nbytes)
     if method.kind == "hack_dq":
-        hack = HackCache.from_kv(kv16, method.hack)
-        kv16 = [dequantize_kv(layer.rows[0]) for layer in hack.layers]
-        return _dynamic(kv16), float(hack.nbytes)
+        cache = HackCache.from_kv(kv16, method.hack, float_attention=True)
+        return cache, float(cache.nbytes)
     out, nbytes = [], 0.0
     cos_sin = rope(kv16[0][0].shape[2]) if method.kind == "kvquant" else None
     for i, (k, v) in enumerate(kv16):
