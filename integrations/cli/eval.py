@@ -53,7 +53,14 @@ def eval_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     try:
-        result = run_eval(loaded, sizes, chosen, out_dir=out_dir, data_dir=data_dir or DATA_DIR)
+        result = run_eval(
+            loaded,
+            sizes,
+            chosen,
+            out_dir=out_dir,
+            data_dir=data_dir or DATA_DIR,
+            stem="accuracy" if size == "full" else "accuracy_ci",
+        )
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -70,6 +70,7 @@ def run_eval(
     data_dir: Path = DATA_DIR,
     progress: bool = True,
     with_plot: bool = True,
+    stem: str = "accuracy",
 ) -> dict:
     """Run the evaluation on a loaded model; returns {"rows", "meta", "paths"}."""
     model, tok = loaded.model, loaded.tokenizer
@@ -104,5 +105,7 @@ def run_eval(
         "seconds": round(time.time() - start, 1),
         "sizes": asdict(sizes),
     }
-    paths = write(rows, meta, out_dir, with_plot=with_plot) if out_dir is not None else {}
+    paths = (
+        write(rows, meta, out_dir, stem=stem, with_plot=with_plot) if out_dir is not None else {}
+    )
     return {"rows": rows, "meta": meta, "paths": paths}

@@ -18,7 +18,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer, [1, kv_heads, T, head
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "fp16", "hack", "hack_dq", "kivi", "cachegen", "kvquant"
+    kind: str  # "fp16", "hack", "hack_dq", "kivi", "kivi_r0", "cachegen", "kvquant"
     bits: int = 16
     hack: HackConfig | None = field(default=None)
 
@@ -37,6 +37,8 @@ def hack_method(bits: int, partition: int, layout: str, sinks: int = 0) -> Metho
 FP16 = Method("16-bit", "fp16")
 KIVI2 = Method("KIVI-style 2b g32 r128", "kivi", 2)
 KIVI4 = Method("KIVI-style 4b g32 r128", "kivi", 4)
+# KIVI's arithmetic with no fp16 residual: bytes close to HACK's, for a like-for-like comparison.
+KIVI2_R0 = Method("KIVI-style 2b g32 r0", "kivi_r0", 2)
 # Diagnostic: the same HACK cache (codes, groups closing as decode goes), attended after
 # dequantization in float (no 8-bit Q and P): separates the codes' error from the arithmetic's.
 HACK_DQ = Method(
@@ -54,7 +56,7 @@ def default_methods() -> list[Method]:
     hack += [hack_method(2, 64, lay, sinks=4) for lay in ("paper", "kivi")]
     hack += [hack_method(4, 64, lay) for lay in ("paper", "kivi")]
     hack += [hack_method(4, 64, "kivi", sinks=4)]
-    return [FP16, *hack, HACK_DQ, KIVI2, KIVI4, CACHEGEN, KVQUANT3]
+    return [FP16, *hack, HACK_DQ, KIVI2, KIVI4, KIVI2_R0, CACHEGEN, KVQUANT3]
 
 
 def find_method(name: str) -> Method:
@@ -84,8 +86,9 @@ def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
     for i, (k, v) in enumerate(kv16):
         if method.kind == "fp16":
             kq, vq, nb = k, v, 2 * k.numel() * 2
-        elif method.kind == "kivi":
-            kq, vq, nb = baselines.kivi(k, v, bits=method.bits)
+        elif method.kind in ("kivi", "kivi_r0"):
+            residual = 0 if method.kind == "kivi_r0" else 128
+            kq, vq, nb = baselines.kivi(k, v, bits=method.bits, residual=residual)
         elif method.kind == "cachegen":
             kq, vq, nb = baselines.cachegen(i, len(kv16), k, v)
         elif method.kind == "kvquant":
