@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from hack_kernels import HackConfig
 
@@ -89,6 +90,7 @@ def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
         elif method.kind in ("kivi", "kivi_r0"):
             residual = 0 if method.kind == "kivi_r0" else 128
             kq, vq, nb = baselines.kivi(k, v, bits=method.bits, residual=residual)
+            kq, vq = k, v  # KiviCache below quantizes, now and as decode appends
         elif method.kind == "cachegen":
             kq, vq, nb = baselines.cachegen(i, len(kv16), k, v)
         elif method.kind == "kvquant":
@@ -97,7 +99,41 @@ def build_cache(method: Method, kv16: KV, rope) -> tuple[object, float]:
             raise ValueError(f"unknown method kind {method.kind!r}")
         out.append((kq, vq))
         nbytes += nb
+    if method.kind in ("kivi", "kivi_r0"):
+        return KiviCache(method.bits, 0 if method.kind == "kivi_r0" else 128, out), nbytes
     return _dynamic(out), nbytes
+
+
+class KiviLayer(DynamicLayer):
+    """KIVI's decode-time rule: whole groups of 32 tokens older than the newest `residual` tokens
+    are quantized (K per channel, V per token), the rest stays full precision; as tokens arrive,
+    groups leave the residual and are quantized, as HACK's groups close."""
+
+    def __init__(self, bits: int, residual: int, group: int = 32):
+        super().__init__()
+        self.bits, self.residual, self.group, self.done = bits, residual, group, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        super().update(key_states, value_states)
+        t = self.keys.shape[-2]
+        upto = max(0, (t - self.residual) // self.group * self.group)
+        if upto > self.done:
+            part = slice(self.done, upto)
+            self.keys[:, :, part] = baselines.fake_quant(
+                self.keys[:, :, part], 2, self.group, self.bits
+            )
+            self.values[:, :, part] = baselines.fake_quant(
+                self.values[:, :, part], 3, self.group, self.bits
+            )
+            self.done = upto
+        return self.keys, self.values
+
+
+class KiviCache(Cache):
+    def __init__(self, bits: int, residual: int, kv: KV):
+        super().__init__(layers=[KiviLayer(bits, residual) for _ in kv])
+        for i, (k, v) in enumerate(kv):
+            self.update(k, v, i)
 
 
 def _dynamic(kv: KV) -> DynamicCache:

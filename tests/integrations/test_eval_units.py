@@ -104,3 +104,16 @@ def test_cachegen_error_bounded_and_entropy_below_raw():
     assert y.shape == x.shape
     assert (y - x).abs().max() < 0.2 * x.abs().max()
     assert nbytes < x.numel() * 2 / 3
+
+
+@pytest.mark.parametrize("residual", [0, 128])
+def test_kivi_cache_appending_equals_quantizing_the_whole_sequence(residual):
+    from hack_integrations.eval.methods import KiviCache
+
+    k, v = torch.randn(1, 2, 301, 8), torch.randn(1, 2, 301, 8)
+    cache = KiviCache(2, residual, [(k[:, :, :250], v[:, :, :250])])
+    for start in (250, 251, 290):  # decode steps and a chunk
+        stop = {250: 251, 251: 290, 290: 301}[start]
+        cache.update(k[:, :, start:stop], v[:, :, start:stop], 0)
+    want_k, want_v, _ = baselines.kivi(k, v, bits=2, residual=residual)
+    assert torch.equal(cache.layers[0].keys, want_k) and torch.equal(cache.layers[0].values, want_v)
