@@ -64,6 +64,19 @@ def _address(buf: Buffer) -> int:
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data if len(memoryview(buf)) else 0
 
 
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(address, length) spans with overlaps merged: frames may share memory (one tensor sent in
+    several transfers, layers that are views of one buffer), and registering the same memory twice
+    crashes NIXL's UCX plugin."""
+    out: list[list[int]] = []
+    for a, n in sorted(spans):
+        if out and a < out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], a + n - out[-1][0])
+        else:
+            out.append([a, n])
+    return [(a, n) for a, n in out]
+
+
 class NixlReceiver(TcpReceiver):
     def __init__(self, **kw: object):
         super().__init__(**kw)
@@ -136,7 +149,7 @@ class NixlSender(TcpSender):
     async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
         framed = [message_parts(f) for f in frames]
         runs = [[[_address(m), len(m)] for m in parts[2:]] for parts in framed]
-        regions = [(a, n, 0, "") for r in runs for a, n in r]
+        regions = [(a, n, 0, "") for a, n in _merge([(a, n) for r in runs for a, n in r])]
         reg = self.agent.register_memory(regions, "DRAM") if regions else None
         per_frame = iter(zip(framed, runs, strict=True))
 

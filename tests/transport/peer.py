@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import torch
 
@@ -22,7 +23,9 @@ def frames(mb: int) -> list:
 
 
 async def receive(kind: str) -> None:
-    rcv = make_receiver(kind, idle_timeout=5.0)
+    # A slow commit keeps the receiver from acknowledging for a while, so it can be killed before
+    # the ack even where the payload moves faster than the throttled sender (NIXL pulls).
+    rcv = make_receiver(kind, idle_timeout=5.0, commit=lambda key, blocks: time.sleep(10))
     _, port = await rcv.start()
     print(f"PORT {port}", flush=True)
     await asyncio.Event().wait()

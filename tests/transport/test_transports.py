@@ -346,3 +346,23 @@ def test_sender_killed_mid_transfer(kind):
 
     rcv, ok = run(go())
     assert ok and rcv.received == {} and rcv.pending_bytes == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frames_sharing_memory(kind, request_kv):
+    """The same encoded buffers twice in one transfer (NIXL must register the memory once)."""
+    _, model, blocks = request_kv
+    enc = wire.encode_block(blocks[0])
+
+    async def go():
+        rcv, port = await _serve(kind, expect_model=model)
+        try:
+            await make_sender(kind, "127.0.0.1", port, timeout=20).send("twice", [enc, enc])
+            return rcv
+        finally:
+            await rcv.close()
+
+    rcv = run(go())
+    a, b = rcv.received["twice"]
+    for name, t in blocks[0].tensors.items():
+        assert torch.equal(a.tensors[name], t) and torch.equal(b.tensors[name], t)
