@@ -77,9 +77,10 @@ How it is measured. Scoring (perplexity, top-1, KL): a 16-bit forward over the c
 K/V (rounded to fp16); each method turns it into its cache and the target is fed in one chunk over
 it. HACK runs its real path: codes with stored sums, 8-bit Q and P (reference_attention), 16-bit
 sinks and open group, and groups that fill during the target are closed and quantized as in decode.
-Baselines quantize the context (dequantize, then attend); target tokens stay full precision,
-which favours them against HACK (its closing groups of target tokens are 2-bit too).
-KV bytes are the context's. Greedy: the prompt minus its last token is prefilled in 16-bit and
+KIVI-style rows apply KIVI's rule as tokens arrive (groups of 32 leaving the newest 128,
+or all whole groups for r0, are quantized), as HACK closes groups. CacheGen- and KVQuant-like
+quantize the context only (dequantize, then attend); their target tokens stay full precision,
+which favours them. KV bytes are the context's. Greedy: the prompt minus its last token is prefilled in 16-bit and
 converted, then generate() decodes over it. Standard errors are over samples (few here: see Sizes).
 KIVI-style keeps its newest 128 tokens in fp16, a large share of these short contexts (hence its
 bytes); "r0" is the same with no fp16 residual. CacheGen-like bytes are the codes' empirical entropy. KVQuant-like uses uniform levels
