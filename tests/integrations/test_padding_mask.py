@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from hack_integrations.transformers_attention import left_padding
 from hack_integrations.transformers_cache import HackCacheError
 

@@ -5,8 +5,8 @@ import pydoc_data.topics
 
 import pytest
 import torch
-from hack_integrations.transformers_cache import HackCache, HackCacheError
 
+from hack_integrations.transformers_cache import HackCache, HackCacheError
 from hack_kernels import HackConfig
 
 TEXT = "".join(pydoc_data.topics.topics.values())
