@@ -15,7 +15,7 @@ from hack_kernels import HackConfig  # noqa: E402
 from hack_kernels.triton import launch  # noqa: E402
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 
-cfg = HackConfig()
+cfg = HackConfig(layout="paper")
 
 
 def case(model: str, batch: int, ctx: int) -> None:

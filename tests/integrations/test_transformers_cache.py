@@ -49,7 +49,7 @@ def test_prefill_stores_codes_of_the_true_keys_and_decode_appends(hack_model):
     model, tok = hack_model.model, hack_model.tokenizer
     n_prompt, n_new, p = 71, 6, 32
     ids = _prompt_ids(tok, 1000, n_prompt)
-    cache = HackCache(HackConfig(bits=2, partition=p, sink_tokens=3))
+    cache = HackCache(HackConfig(bits=2, partition=p, sink_tokens=3, layout="paper"))
     seq, _ = _generate(model, ids, cache, n_new)
     stored = n_prompt + n_new - 1  # the last generated token is never fed back
     assert cache.get_seq_length() == stored

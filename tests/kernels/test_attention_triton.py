@@ -48,7 +48,7 @@ PREFILL_CASES = [
 def test_prefill_matches_reference(case):
     d, p, t, sinks, hq, hk, dtype, causal = case
     gen = torch.Generator().manual_seed(d + p + t)
-    cfg = HackConfig(partition=p, sink_tokens=sinks)
+    cfg = HackConfig(partition=p, sink_tokens=sinks, layout="paper")
     q = torch.randn(1, hq, t, d, generator=gen).to(dtype)
     k, v = _kv(gen, 1, hk, t, d, dtype)
     out = torch.full((1, hq, t, d), float("nan"), device=DEVICE)
@@ -107,7 +107,7 @@ def test_decode_matches_reference(case, kernel, monkeypatch):
     monkeypatch.setattr(launch, "TRANSPOSED_INTERP", kernel == "transposed")
     d, p, sinks, lens, hq, hk, dtype = case
     gen = torch.Generator().manual_seed(d * 7 + p)
-    cfg = HackConfig(partition=p, sink_tokens=sinks)
+    cfg = HackConfig(partition=p, sink_tokens=sinks, layout="paper")
     n = len(lens)
     cache = PagedHackCache(cfg, 16, n, hk, d, 8, dtype=dtype, device=DEVICE)
     qkvs = []
@@ -141,7 +141,7 @@ def test_decode_matches_reference(case, kernel, monkeypatch):
 
 def test_decode_stochastic_pages_match_quantize_kv():
     gen = torch.Generator().manual_seed(9)
-    cfg = HackConfig(partition=32, rounding="stochastic", seed=3)
+    cfg = HackConfig(partition=32, rounding="stochastic", seed=3, layout="paper")
     k, v = _kv(gen, 2, 1, 31, 64, torch.float16)
     cache = PagedHackCache(cfg, 4, 2, 1, 64, 2, device=DEVICE)
     for i in range(2):
@@ -155,7 +155,7 @@ def test_decode_stochastic_pages_match_quantize_kv():
 
 
 def test_paged_cache_bad_input():
-    cfg = HackConfig(partition=32)
+    cfg = HackConfig(partition=32, layout="paper")
     with pytest.raises(ValueError, match="paper"):
         PagedHackCache(cfg.replace(layout="kivi"), 4, 1, 1, 64, 2, device=DEVICE)
     cache = PagedHackCache(cfg, 1, 1, 1, 64, 1, device=DEVICE)
