@@ -112,7 +112,9 @@ def check_finite(x: torch.Tensor, name: str = "input") -> None:
 def _round_down(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     r = v.to(dtype)
     low = r.float() > v
-    return torch.where(low, torch.nextafter(r, torch.tensor(-float("inf"), dtype=dtype, device=v.device)), r)
+    return torch.where(
+        low, torch.nextafter(r, torch.tensor(-float("inf"), dtype=dtype, device=v.device)), r
+    )
 
 
 def _min_and_scale(lo: torch.Tensor, hi: torch.Tensor, levels: int, meta: torch.dtype):

@@ -5,7 +5,13 @@ from hack_kernels import HackConfig
 
 def test_defaults():
     c = HackConfig()
-    assert (c.bits, c.partition, c.layout, c.sink_tokens, c.rounding) == (2, 64, "kivi", 0, "nearest")
+    assert (c.bits, c.partition, c.layout, c.sink_tokens, c.rounding) == (
+        2,
+        64,
+        "kivi",
+        0,
+        "nearest",
+    )
     assert c.levels == 3
 
 
