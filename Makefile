@@ -19,9 +19,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/hack-kv inspect
+	$(VENV)/bin/hack-kv demo
 
-inspect: demo
+inspect: venv
+	$(VENV)/bin/hack-kv inspect
 
 test: venv
 	$(VENV)/bin/ruff check .
