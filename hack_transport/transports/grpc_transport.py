@@ -275,7 +275,10 @@ class GrpcSender(KVSender):
                 ) from None
         bad = [a for a in acks if not a.ok]
         if bad:
-            return {"ok": False, "error": bad[0].error, "tensor": bad[0].tensor or None}
+            # Every stream of a failed transfer reports it; only the one that carried the bad
+            # frame names the tensor, and stream order is arbitrary.
+            first = next((a for a in bad if a.tensor), bad[0])
+            return {"ok": False, "error": first.error, "tensor": first.tensor or None}
         if sum(a.committed for a in acks) != 1:
             return {"ok": False, "error": "receiver did not commit the transfer"}
         return {"ok": True}
