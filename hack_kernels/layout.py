@@ -81,3 +81,33 @@ def group_lengths(length: int, partition: int, device: torch.device | None = Non
     if g:
         n[-1] = length - (g - 1) * partition
     return n
+
+
+# -- planar packing: the decode pages of the kivi layout ------------------------------------------
+# The GPU decode kernel reads codes as tensor-core operands. With the canonical (interleaved) bit
+# order, turning packed bytes into an operand tile means a reshape across registers; with planar
+# packing, byte i of a run of n elements holds elements i, i + n/per, i + 2n/per, ... (element e
+# in byte e % (n/per) at bit offset (e // (n/per)) * bits), so a tile is rebuilt by loading each
+# byte `per` times with contiguous addresses and shifting: no reshape. Used only inside
+# PagedHackCache pages (docs/FORMAT.md, "Decode pages"); the wire and the store keep the
+# canonical order.
+
+
+def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Planar-pack integer codes [..., n] (n a multiple of 8 // bits) into uint8 [..., n*bits/8]."""
+    per = codes_per_byte(bits)
+    if per == 1:
+        return codes.to(CODE_DTYPE)
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], per, codes.shape[-1] // per)
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int32) * bits)[:, None]
+    return (c << shifts).sum(-2).to(CODE_DTYPE)
+
+
+def unpack_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_planar: uint8 [..., m] -> uint8 codes [..., m * 8 // bits]."""
+    per = codes_per_byte(bits)
+    if per == 1:
+        return packed
+    shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits)[:, None]
+    c = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(CODE_DTYPE)

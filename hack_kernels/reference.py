@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import layout
 from .config import HackConfig
 from .homomorphic import homomorphic_matmul
 from .kv import QuantizedKV
@@ -21,6 +22,17 @@ ACT_BITS = 8  # Q and P
 
 def _int8(x: torch.Tensor, dim: int, partition: int) -> QuantizedTensor:
     return quantize_groups(x, dim, ACT_BITS, partition, "nearest")
+
+
+def zero_point_free(x: torch.Tensor, top: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes of x along its last axis with no zero point: x ~= scale * code, scale =
+    max|x| / top, code = floor(x / scale + 1/2) in [-top, top] (signed) or [0, top] (x >= 0).
+    Float32, in the operation order of the kivi Triton kernel. Returns (code, scale [..., 1])."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / float(top)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    code = torch.floor(x * inv + 0.5).clamp(-float(top) if signed else 0.0, float(top))
+    return code, scale
 
 
 def _expand_groups(x: torch.Tensor, partition: int, length: int) -> torch.Tensor:
@@ -34,15 +46,15 @@ def _scores_closed(q: torch.Tensor, kv: QuantizedKV) -> torch.Tensor:
     if kv.config.layout == "paper":
         return homomorphic_matmul(_int8(q, -1, p), k_q)
     # kivi: K grouped along tokens per channel. Fold K's scales into Q per token group g
-    # (Q_g = Q * s_k[:, g]), quantize Q_g to 8 bits, multiply with the raw codes, add Q @ m_k.
+    # (Q_g = Q * s_k[:, g]), round Q_g to symmetric int8 per row, multiply with the raw codes,
+    # add Q @ m_k[:, g]. A zero-point-free Q needs no per-token code sums (kivi stores none).
     b, h, c, d = k_q.shape
-    g = k_q.num_groups
-    codes = k_q.unpacked_codes()  # [B, H, D, G, p]
+    codes = k_q.unpacked_codes().float()  # [B, H, D, G, p]
     s_k, m_k = k_q.scales.float(), k_q.mins.float()  # [B, H, D, G]
     q_fold = q.unsqueeze(2) * s_k.transpose(-1, -2).unsqueeze(-2)  # [B, H, G, M, D]
-    k_int = QuantizedTensor.from_integer_codes(codes.permute(0, 1, 3, 2, 4), -2, k_q.bits, p)
-    part = homomorphic_matmul(_int8(q_fold, -1, p), k_int)  # [B, H, G, M, p]
-    scores = part.permute(0, 1, 3, 2, 4).reshape(b, h, q.shape[2], g * p)[..., :c]
+    q_code, q_scale = zero_point_free(q_fold, 127, signed=True)  # per (group, row)
+    part = q_scale * (q_code @ codes.permute(0, 1, 3, 2, 4))  # [B, H, G, M, p]
+    scores = part.permute(0, 1, 3, 2, 4).flatten(-2)[..., :c]
     return scores + _expand_groups(q @ m_k, p, c)
 
 
@@ -51,15 +63,22 @@ def _output_closed(probs: torch.Tensor, kv: QuantizedKV) -> torch.Tensor:
     p, v_q = kv.config.partition, kv.v_q
     if kv.config.layout == "paper":
         return homomorphic_matmul(_int8(probs, -1, p), v_q)
-    # kivi: V grouped along head_dim per token. Fold V's scales into P per channel group.
+    # kivi: V grouped along head_dim per token. Fold V's scales into P per channel group e
+    # (P_e = P * s_v[:, e] >= 0), round P_e to 8-bit codes 0..255 (no zero point) per (row, token
+    # partition), multiply with the raw codes, add P @ m_v[:, e].
     b, h, c, d = v_q.shape
-    g = v_q.num_groups
-    codes = v_q.unpacked_codes()  # [B, H, C, G, p]
-    s_v, m_v = v_q.scales.float(), v_q.mins.float()  # [B, H, C, G]
-    p_fold = probs.unsqueeze(2) * s_v.permute(0, 1, 3, 2).unsqueeze(-2)  # [B, H, G, M, C]
-    v_int = QuantizedTensor.from_integer_codes(codes.permute(0, 1, 3, 2, 4), -2, v_q.bits, p)
-    part = homomorphic_matmul(_int8(p_fold, -1, p), v_int)  # [B, H, G, M, p]
-    out = part.permute(0, 1, 3, 2, 4).reshape(b, h, probs.shape[2], g * p)[..., :d]
+    g = layout.num_groups(c, p)
+    codes = v_q.unpacked_codes().float()  # [B, H, C, E, p]
+    s_v, m_v = v_q.scales.float(), v_q.mins.float()  # [B, H, C, E]
+    p_fold = probs.unsqueeze(2) * s_v.permute(0, 1, 3, 2).unsqueeze(-2)  # [B, H, E, M, C]
+    p_fold = torch.nn.functional.pad(p_fold, (0, g * p - c)).unflatten(-1, (g, p))
+    p_code, p_scale = zero_point_free(
+        p_fold, 255, signed=False
+    )  # per (group, row, token partition)
+    c_tok = torch.nn.functional.pad(codes, (0, 0, 0, 0, 0, g * p - c)).unflatten(2, (g, p))
+    # [B, H, E, M, G, p] x [B, H, G, p, E, w] summed over (G, p) per channel group E
+    part = torch.einsum("bhemgt,bhgtew->bhemw", p_code * p_scale, c_tok)
+    out = part.permute(0, 1, 3, 2, 4).flatten(-2)[..., :d]
     return out + _expand_groups(probs @ m_v, p, d)
 
 

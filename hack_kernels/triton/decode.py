@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .kivi_launch import run_kivi_attention
 from .launch import choose_splits, launch_params, run_attention
 from .paged_cache import PagedHackCache
 
@@ -40,7 +41,8 @@ def decode_attention(
         block_tables = block_tables.contiguous()
     if max_pages is None:
         max_pages = max((cache.num_tokens(i) - cache.config.sink_tokens) // p for i in range(b))
-    params = launch_params("decode", d, p)
+    kivi = cache.config.layout == "kivi"
+    params = launch_params("decode_kivi" if kivi else "decode", d, p)
     splits = num_splits or choose_splits(
         b, h, max_pages, params.get("waves", 4), params.get("min_pages", 1)
     )
@@ -49,14 +51,21 @@ def decode_attention(
     elif out.shape != q.shape or not out.is_contiguous():  # any float dtype
         raise ValueError(f"out must be a contiguous tensor of q's shape {tuple(q.shape)}")
     c = cache
+    sinks = (c.k_sink, c.v_sink, c.k_sink.stride(0), c.k_sink.stride(1), c.k_sink.stride(2))
+    opens = (c.k_open, c.v_open, c.k_open.stride(0), c.k_open.stride(1), c.k_open.stride(2))
+    if kivi:
+        return run_kivi_attention(
+            q, out, seq_lens, block_tables, block_tables.stride(0), c.pages, sinks, opens,
+            kv_heads=h, n_sink=c.config.sink_tokens, partition=p, bits=c.config.bits,
+            causal=False, sm_scale=sm_scale, decode=True, num_splits=splits,
+        )  # fmt: skip
     return run_attention(
         q, out, seq_lens, block_tables, block_tables.stride(0),
         (c.k_codes, 0, c.k_codes.stride(0), c.k_codes.stride(1), c.k_codes.stride(2)),
         (c.k_mins, c.k_scales, c.k_sums, 0, c.k_mins.stride(0), c.k_mins.stride(1), c.k_mins.stride(2)),
         (c.v_codes, 0, c.v_codes.stride(0), c.v_codes.stride(1), c.v_codes.stride(2)),
         (c.v_mins, c.v_scales, c.v_sums, 0, c.v_mins.stride(0), c.v_mins.stride(1), c.v_mins.stride(2)),
-        (c.k_sink, c.v_sink, c.k_sink.stride(0), c.k_sink.stride(1), c.k_sink.stride(2)),
-        (c.k_open, c.v_open, c.k_open.stride(0), c.k_open.stride(1), c.k_open.stride(2)),
+        sinks, opens,
         kv_heads=h, n_sink=c.config.sink_tokens, partition=p, bits=c.config.bits,
         causal=False, sm_scale=sm_scale, decode=True, num_splits=splits,
     )  # fmt: skip

@@ -43,6 +43,8 @@ DEFAULTS = {
     "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False, "DOT16": False},
     "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": False, "DOT16": False},
     "quantize": {"BLOCK_R": 64, "num_warps": 4},
+    "decode_kivi": {"num_warps": 4, "num_stages": 1, "waves": 16, "min_pages": 2},
+    "prefill_kivi": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1},
 }
 
 
@@ -70,6 +72,8 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "TRANSPOSED": TRANSPOSED_INTERP,
             },  # fmt: skip
             "quantize": {"BLOCK_R": 64},
+            "decode_kivi": {"waves": 1, "min_pages": 1},
+            "prefill_kivi": {"BLOCK_P": 16},
         }
         return {"num_warps": 4, "num_stages": 1, **small[kind]}
     return {**DEFAULTS[kind], **TUNED.get((kind, head_dim, partition), {})}

@@ -1,5 +1,7 @@
 """PagedHackCache: one layer's quantized KV for decode, in pages of `partition` tokens.
 
+Kivi layout (the default): the page arrays of kivi_pages.py with a leading axis of 1
+(`self.pages`), shared by all sequences through the block tables.
 Paper layout. A page holds, for every kv head, one closed token-partition:
     k_codes [pages, H, p, Gd * p * bits / 8]   K grouped along head_dim, token-major
     k_mins / k_scales / k_sums [pages, H, p, Gd]
@@ -18,7 +20,18 @@ import torch
 from .. import layout
 from ..config import HackConfig
 from ..kv import K_STREAM, V_STREAM, QuantizedKV, open_dtype_for
+from ..quantize import QuantizedTensor
+from .kivi_pages import KiviPages, kivi_pages
 from .quantize import quantize_groups_triton
+
+
+def _batch_item(qt: QuantizedTensor, i: int) -> QuantizedTensor:
+    """Sequence i of a batched quantized tensor, keeping a batch axis of 1."""
+    sl = slice(i, i + 1)
+    return QuantizedTensor(
+        qt.codes[sl], qt.mins[sl], qt.scales[sl], qt.sums[sl],
+        (1, *qt.shape[1:]), qt.dim, qt.bits, qt.partition, qt.dtype,
+    )  # fmt: skip
 
 
 class PagedHackCache:
@@ -33,8 +46,6 @@ class PagedHackCache:
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cuda",
     ) -> None:
-        if config.layout != "paper":
-            raise ValueError("PagedHackCache implements the paper layout (kivi: use QuantizedKV)")
         if config.bits not in (2, 4):
             raise ValueError(f"PagedHackCache supports 2- and 4-bit codes, got {config.bits}")
         if head_dim not in (64, 128):
@@ -51,14 +62,10 @@ class PagedHackCache:
         h, d = kv_heads, head_dim
         sd = layout.sum_dtype(bits, p)
         kw = dict(device=device)
-        self.k_codes = torch.zeros((num_pages, h, p, gd * p // per), dtype=torch.uint8, **kw)
-        self.k_mins = torch.zeros((num_pages, h, p, gd), dtype=dt, **kw)
-        self.k_scales = torch.zeros_like(self.k_mins)
-        self.k_sums = torch.zeros((num_pages, h, p, gd), dtype=sd, **kw)
-        self.v_codes = torch.zeros((num_pages, h, d, p // per), dtype=torch.uint8, **kw)
-        self.v_mins = torch.zeros((num_pages, h, d), dtype=dt, **kw)
-        self.v_scales = torch.zeros_like(self.v_mins)
-        self.v_sums = torch.zeros((num_pages, h, d), dtype=sd, **kw)
+        if config.layout == "kivi":
+            self._init_kivi_pages(num_pages, h, d, dt, sd, device)
+        else:
+            self._init_paper_pages(num_pages, h, d, gd, per, dt, sd, device)
         s = config.sink_tokens
         self.k_sink = torch.zeros((max_seqs, h, s, d), dtype=dt, **kw)
         self.v_sink = torch.zeros_like(self.k_sink)
@@ -70,6 +77,32 @@ class PagedHackCache:
         self._lens = [0] * max_seqs  # host mirror of seq_lens
         self._pages: list[list[int]] = [[] for _ in range(max_seqs)]
         self._free = list(range(num_pages - 1, -1, -1))
+
+    def _init_kivi_pages(self, n, h, d, dt, sd, device) -> None:
+        p, per = self.config.partition, layout.codes_per_byte(self.config.bits)
+        e = layout.num_groups(d, p)
+        kw = dict(device=device)
+        self.pages = KiviPages(
+            k_codes=torch.zeros((1, n, h, p, d // per), dtype=torch.uint8, **kw),
+            k_mins=torch.zeros((1, n, h, d), dtype=dt, **kw),
+            k_scales=torch.zeros((1, n, h, d), dtype=dt, **kw),
+            v_codes=torch.zeros((1, n, h, d, p // per), dtype=torch.uint8, **kw),
+            v_mins=torch.zeros((1, n, h, p, e), dtype=dt, **kw),
+            v_scales=torch.zeros((1, n, h, p, e), dtype=dt, **kw),
+            v_colsums=torch.zeros((1, n, h, d), dtype=sd, **kw),
+        )
+
+    def _init_paper_pages(self, num_pages, h, d, gd, per, dt, sd, device) -> None:
+        p = self.config.partition
+        kw = dict(device=device)
+        self.k_codes = torch.zeros((num_pages, h, p, gd * p // per), dtype=torch.uint8, **kw)
+        self.k_mins = torch.zeros((num_pages, h, p, gd), dtype=dt, **kw)
+        self.k_scales = torch.zeros_like(self.k_mins)
+        self.k_sums = torch.zeros((num_pages, h, p, gd), dtype=sd, **kw)
+        self.v_codes = torch.zeros((num_pages, h, d, p // per), dtype=torch.uint8, **kw)
+        self.v_mins = torch.zeros((num_pages, h, d), dtype=dt, **kw)
+        self.v_scales = torch.zeros_like(self.v_mins)
+        self.v_sums = torch.zeros((num_pages, h, d), dtype=sd, **kw)
 
     # -- host bookkeeping ------------------------------------------------------------------------
     def _alloc(self, slot: int, n: int) -> list[int]:
@@ -115,10 +148,12 @@ class PagedHackCache:
         p, i = self.config.partition, batch_index
         s, c, o = qkv.num_sink, qkv.num_closed, qkv.num_open
         n = c // p
-        ids = torch.tensor(self._alloc(slot, n), dtype=torch.long, device=self.k_codes.device)
+        ids = torch.tensor(self._alloc(slot, n), dtype=torch.long, device=self.k_open.device)
         kq, vq = qkv.k_q, qkv.v_q
         h = self.kv_heads
-        if n:
+        if n and self.config.layout == "kivi":
+            self._store_kivi(ids, kivi_pages(_batch_item(kq, i), _batch_item(vq, i)))
+        elif n:
             kc = kq.codes[i].reshape(h, n, p, -1).transpose(0, 1)
             self.k_codes[ids] = kc.to(self.k_codes.device)
             for dst, src in (
@@ -182,6 +217,12 @@ class PagedHackCache:
             self._close([s for s, _ in full], [start for _, start in full])
         self.seq_lens.copy_(torch.tensor(self._lens, dtype=torch.int32), non_blocking=True)
 
+    def _store_kivi(self, ids: torch.Tensor, new: KiviPages) -> None:
+        """Write pages new [1, n, ...] (or [n, 1, ...]: one page of n slots) at physical ids."""
+        for name, dst in self.pages.tensors().items():
+            src = getattr(new, name)
+            dst[0, ids] = src.reshape(len(ids), *src.shape[2:]).to(dst.device, dst.dtype)
+
     def _close(self, slots: list[int], starts: list[int]) -> None:
         """Quantize the full open pages of `slots` (whose closed part starts at `starts`)."""
         cfg = self.config
@@ -197,8 +238,14 @@ class PagedHackCache:
             groups = [(slots, ids, None, None)]
         for sl, pid, koff, voff in groups:
             sl_t = torch.tensor(sl, device=self.k_open.device)
-            idx = torch.tensor(pid, dtype=torch.long, device=self.k_codes.device)
+            idx = torch.tensor(pid, dtype=torch.long, device=self.k_open.device)
             k, v = self.k_open[sl_t], self.v_open[sl_t]  # [n, H, p, D]
+            if cfg.layout == "kivi":
+                # the noise offsets name (slot, absolute token) as in the paper branch below
+                kq = quantize_groups_triton(k, -2, stream=K_STREAM, axis_offsets=voff, **args)
+                vq = quantize_groups_triton(v, -1, stream=V_STREAM, axis_offsets=voff, **args)
+                self._store_kivi(idx, kivi_pages(kq, vq))  # [n, 1, ...]: n slots, one page
+                continue
             kq = quantize_groups_triton(
                 k.transpose(-1, -2), -2, stream=K_STREAM, axis_offsets=koff, **args
             )

@@ -6,7 +6,8 @@ import torch
 
 from ..config import HackConfig
 from ..kv import QuantizedKV
-from ..reference import reference_attention
+from .kivi_launch import run_kivi_attention
+from .kivi_pages import kivi_pages
 from .launch import run_attention
 from .quantize import quantize_kv_triton
 
@@ -34,11 +35,9 @@ def attend_quantized(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """HACK attention of q [B, Hq, M, D] over a contiguous QuantizedKV (paper layout) with the
-    Triton kernel; queries are the last M positions. Same math as reference_attention."""
+    """HACK attention of q [B, Hq, M, D] over a QuantizedKV with the Triton kernel of its layout;
+    queries are the last M positions. Same math as reference_attention."""
     cfg = qkv.config
-    if cfg.layout != "paper":
-        raise ValueError("the Triton kernel implements the paper layout; use reference_attention")
     if cfg.bits not in (2, 4):
         raise ValueError(f"the Triton kernel supports 2- and 4-bit codes, got {cfg.bits}")
     b, hq, m, d = q.shape
@@ -51,19 +50,26 @@ def attend_quantized(
     seq = torch.full((b,), qkv.num_tokens, dtype=torch.int32, device=q.device)
     n_pages = qkv.num_closed // p
     table = torch.arange(max(n_pages, 1), dtype=torch.int32, device=q.device)
-    kc, km = kq.codes, kq.mins  # [B, H, C, Gd, p/per], [B, H, C, Gd]
-    vc, vm = vq.codes, vq.mins  # [B, H, D, C/p, p/per], [B, H, D, C/p]
     ks, ko = qkv.k_sink, qkv.k_open
     if qkv.v_sink.stride() != ks.stride() or qkv.v_open.stride() != ko.stride():
         raise ValueError("k and v sinks / open tokens must share strides")
+    sinks = (ks, qkv.v_sink, ks.stride(0), ks.stride(1), ks.stride(2))
+    opens = (ko, qkv.v_open, ko.stride(0), ko.stride(1), ko.stride(2))
+    if cfg.layout == "kivi":
+        return run_kivi_attention(
+            q, out, seq, table, 0, kivi_pages(kq, vq), sinks, opens,
+            kv_heads=qkv.kv_heads, n_sink=qkv.num_sink, partition=p, bits=cfg.bits,
+            causal=causal, sm_scale=sm_scale, decode=False,
+        )  # fmt: skip
+    kc, km = kq.codes, kq.mins  # [B, H, C, Gd, p/per], [B, H, C, Gd]
+    vc, vm = vq.codes, vq.mins  # [B, H, D, C/p, p/per], [B, H, D, C/p]
     return run_attention(
         q, out, seq, table, 0,
         (kc, kc.stride(0), p * kc.stride(2), kc.stride(1), kc.stride(2)),
         (km, kq.scales, kq.sums, km.stride(0), p * km.stride(2), km.stride(1), km.stride(2)),
         (vc, vc.stride(0), vc.stride(3), vc.stride(1), vc.stride(2)),
         (vm, vq.scales, vq.sums, vm.stride(0), vm.stride(3), vm.stride(1), vm.stride(2)),
-        (ks, qkv.v_sink, ks.stride(0), ks.stride(1), ks.stride(2)),
-        (ko, qkv.v_open, ko.stride(0), ko.stride(1), ko.stride(2)),
+        sinks, opens,
         kv_heads=qkv.kv_heads, n_sink=qkv.num_sink, partition=p, bits=cfg.bits,
         causal=causal, sm_scale=sm_scale, decode=False,
     )  # fmt: skip
@@ -87,8 +93,7 @@ def prefill_attention(
     codes (the authors' artifact does the same); on the H100 it runs at 0.97x of SDPA alone
     against 0.18x for "hack" (benchmarks/results/attention_notes.md), and is exact.
     mode "hack": attend over the codes with HACK's arithmetic (equal to reference_attention of
-    the returned QuantizedKV). The kivi layout's "hack" mode attends through
-    reference_attention (the PyTorch path). For "fp16" with causal=True, q and k must have the
+    the returned QuantizedKV), in either layout. For "fp16" with causal=True, q and k must have the
     same length (SDPA aligns the causal mask to the top left).
     """
     config = config or HackConfig()
@@ -103,8 +108,5 @@ def prefill_attention(
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=sm_scale, enable_gqa=True
         )
-        return out.to(out_dtype or q.dtype), qkv
-    if config.layout != "paper":
-        out = reference_attention(q, qkv, causal=causal, sm_scale=sm_scale)
         return out.to(out_dtype or q.dtype), qkv
     return attend_quantized(q, qkv, causal, sm_scale, out_dtype, out), qkv

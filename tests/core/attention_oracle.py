@@ -18,6 +18,20 @@ def fake_quant8(x: np.ndarray, p: int) -> np.ndarray:
     return out
 
 
+def fake_nozp8(x: np.ndarray, p: int | None, top: int, signed: bool) -> np.ndarray:
+    """Zero-point-free 8-bit rounding, x ~= s * round(x / s) with s = max|x| / top, per group of
+    p along the last axis (the whole axis if p is None); codes clipped to [-top or 0, top]."""
+    n = x.shape[-1]
+    p = p or n
+    out = np.empty_like(x)
+    for s0 in range(0, n, p):
+        g = x[..., s0 : s0 + p]
+        sc = np.abs(g).max(-1, keepdims=True) / top
+        safe = np.where(sc > 0, sc, 1.0)
+        out[..., s0 : s0 + p] = sc * np.clip(np.floor(g / safe + 0.5), -top if signed else 0, top)
+    return out
+
+
 def _codes_meta(qt):
     codes = (
         np_unpack(qt.codes, qt.bits).reshape(*qt.codes.shape[:-1], qt.partition).astype(np.float64)
@@ -49,8 +63,9 @@ def hack_attention_f64(q, kv, causal=True, quantize_activations=True):
         s_closed = np.zeros((b, h, grp * m, c))
         for g0 in range(0, c, p):
             gi = g0 // p
-            folded = qf * ks[..., gi][:, :, None, :]  # Q * s_k[:, g]
-            s_closed[..., g0 : g0 + p] = fq(folded) @ codes[..., g0 : g0 + p] + (
+            folded = qf * ks[..., gi][:, :, None, :]  # Q * s_k[:, g], symmetric int8 per row
+            fold_q = fake_nozp8(folded, None, 127, True) if quantize_activations else folded
+            s_closed[..., g0 : g0 + p] = fold_q @ codes[..., g0 : g0 + p] + (
                 qf @ km[..., gi][..., None]
             )
     ks_ = kv.k_sink.double().numpy()
@@ -79,8 +94,9 @@ def hack_attention_f64(q, kv, causal=True, quantize_activations=True):
             codes = _flat(vc, d)  # [B, H, C, D] channel-grouped
             for g0 in range(0, d, p):
                 gi = g0 // p
-                folded = pc * vs[..., gi][:, :, None, :]  # P * s_v[:, g]
-                out[..., g0 : g0 + p] += fq(folded) @ codes[..., g0 : g0 + p] + (
+                folded = pc * vs[..., gi][:, :, None, :]  # P * s_v[:, g], 0..255 per partition
+                fold_p = fake_nozp8(folded, p, 255, False) if quantize_activations else folded
+                out[..., g0 : g0 + p] += fold_p @ codes[..., g0 : g0 + p] + (
                     pc @ vm[..., gi][..., None]
                 )
     return out.reshape(b, hq, m, d)

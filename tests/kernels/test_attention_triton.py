@@ -156,8 +156,8 @@ def test_decode_stochastic_pages_match_quantize_kv():
 
 def test_paged_cache_bad_input():
     cfg = HackConfig(partition=32, layout="paper")
-    with pytest.raises(ValueError, match="paper"):
-        PagedHackCache(cfg.replace(layout="kivi"), 4, 1, 1, 64, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        PagedHackCache(cfg.replace(layout="kivi"), 4, 1, 1, 96, 2, device=DEVICE)
     cache = PagedHackCache(cfg, 1, 1, 1, 64, 1, device=DEVICE)
     with pytest.raises(ValueError, match="append expects"):
         cache.append(torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))

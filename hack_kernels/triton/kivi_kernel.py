@@ -1,0 +1,177 @@
+"""The homomorphic attention kernel of the kivi layout (prefill rows or decode split-K).
+
+One program owns ROWS query rows (GR q heads x BLOCK_P positions, padded to the 16 rows a tensor
+core product needs) of one kv head and a range of closed pages (kivi_pages.py). Per page of PART
+tokens, with K grouped per channel over the page and V grouped per token along D:
+
+  Q.K^T:  Q' = Q * s_k (K's scales folded into Q), Q' ~= s_q * c_q with c_q in [-127, 127]
+          scores = s_q (c_q . k_codes) + Q . m_k
+  P.V:    per V channel group e, P' = P * s_v[:, e] ~= s_p * c_p with c_p in [0, 255]
+          out_e = s_p ((c_p - 128) . v_codes + 128 colsum(v_codes)) + P . m_v[:, e]
+
+The products run on int8 tensor cores (int32 accumulate); colsum is stored with the page. No
+code is ever dequantized. Code tiles are read from planar packing: byte i of a row holds elements
+i, i + n/4, i + n/2, i + 3n/4 (2-bit), so each byte is loaded once per plane with contiguous
+addresses and shifted into place, with no reshape between the load and the tensor cores.
+Sinks and the 16-bit open page join the same online softmax (attention_kernel._attend16).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .attention_kernel import _attend16
+
+
+@triton.jit
+def _planar_tile(row_ptrs, N: tl.constexpr, BITS: tl.constexpr):
+    """int8 codes [R, N] of R planar-packed rows starting at row_ptrs [R]."""
+    PER: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = N // PER
+    col = tl.arange(0, N)
+    packed = tl.load(row_ptrs[:, None] + (col % NB)[None, :])
+    shift = ((col // NB) * BITS).to(tl.uint8)
+    return ((packed >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.int8)
+
+
+@triton.jit
+def _codes_no_zero_point(x, TOP: tl.constexpr, SIGNED: tl.constexpr):
+    """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, code rounded to
+    nearest in [-TOP, TOP] (SIGNED) or [0, TOP]. Same operations as reference.zero_point_free."""
+    amax = tl.max(tl.abs(x), axis=1)
+    scale = tl.div_rn(amax, tl.full(amax.shape, TOP, tl.float32))
+    safe = tl.where(scale > 0, scale, 1.0)
+    inv = tl.where(scale > 0, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+    code = tl.floor(x * inv[:, None] + 0.5)
+    code = tl.minimum(tl.maximum(code, -TOP if SIGNED else 0.0), TOP)
+    return code, scale
+
+
+@triton.jit
+def kivi_attn_kernel(
+    q_ptr, sq_b, sq_h, sq_m,
+    o_ptr, so_b, so_h, so_m, so_s,
+    ml_ptr, sml_b, sml_h, sml_s,
+    seq_ptr, bt_ptr, sbt_b,
+    kc_ptr, skc_b, skc_p, skc_h, skc_t,
+    km_ptr, kss_ptr, skm_b, skm_p, skm_h,
+    vc_ptr, svc_b, svc_p, svc_h, svc_d,
+    vm_ptr, vss_ptr, svm_b, svm_p, svm_h, svm_t,
+    vcs_ptr, svs_b, svs_p, svs_h,
+    ks_ptr, vs_ptr, sks_b, sks_h, sks_t,
+    ko_ptr, vo_ptr, sko_b, sko_h, sko_t,
+    M, NSINK, NSPLIT, NHG, G, qk_scale,
+    D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
+    GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // NHG
+    hg = tl.program_id(1) % NHG
+    split = tl.program_id(2)
+    kvh = (hg * GR) // G
+
+    # rows: GR heads x BLOCK_P query positions
+    r = tl.arange(0, ROWS)
+    hl = r // BLOCK_P
+    pos = pid_m * BLOCK_P + r % BLOCK_P
+    head = hg * GR + hl
+    row_ok = (hl < GR) & (pos < M)
+    T = tl.load(seq_ptr + b)
+    q_abs = T - M + pos
+    qoff = b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + pos.to(tl.int64) * sq_m
+
+    n_sink = tl.minimum(T, NSINK)
+    n_pages = (T - n_sink) // PART
+    n_open = T - n_sink - n_pages * PART
+
+    m_i = tl.full([ROWS], -float("inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    if split == 0:
+        m_i, l_i, acc = _attend16(
+            q_ptr, qoff, row_ok, q_abs, ks_ptr, vs_ptr,
+            b.to(tl.int64) * sks_b + kvh * sks_h, sks_t, n_sink, 0,
+            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
+        )  # fmt: skip
+
+    tok = tl.arange(0, PART)
+    dch = tl.arange(0, D)
+    q = tl.load(q_ptr + qoff[:, None] + dch[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float32)
+
+    pps = tl.cdiv(n_pages, NSPLIT)
+    p_lo = split * pps
+    p_hi = tl.minimum(p_lo + pps, n_pages)
+    if CAUSAL:
+        last_q = T - M + tl.minimum(pid_m * BLOCK_P + BLOCK_P, M) - 1
+        p_hi = tl.minimum(p_hi, tl.cdiv(last_q + 1 - n_sink, PART))
+    bk = b.to(tl.int64)
+    for j in range(p_lo, p_hi):
+        pg = tl.load(bt_ptr + b * sbt_b + j).to(tl.int64)
+
+        # scores = s_q (c_q . k_codes) + Q . m_k, Q' = Q * s_k rounded per row
+        k_rows = kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h + tok * skc_t
+        k_codes = _planar_tile(k_rows, D, BITS)  # [PART, D]
+        kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dch
+        s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
+        m_k = tl.load(km_ptr + kmeta).to(tl.float32)
+        c_q, s_q = _codes_no_zero_point(q * s_k[None, :], 127.0, True)
+        qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
+        s = s_q[:, None] * qk.to(tl.float32) + tl.sum(q * m_k[None, :], axis=1)[:, None]
+        s = s * qk_scale
+        if CAUSAL:
+            s = tl.where((n_sink + j * PART + tok)[None, :] <= q_abs[:, None], s, -float("inf"))
+
+        # online softmax
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        # out_e = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], per channel group e
+        v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
+        v_codes = _planar_tile(v_rows, PART, BITS)  # [D, PART]
+        colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
+        vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok * svm_t
+        upd = tl.zeros([ROWS, D], tl.float32)
+        for e in tl.static_range(E):
+            s_v = tl.load(vss_ptr + vmeta + e).to(tl.float32)
+            m_v = tl.load(vm_ptr + vmeta + e).to(tl.float32)
+            c_p, s_p = _codes_no_zero_point(p * s_v[None, :], 255.0, False)
+            pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+            part = s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
+            part += tl.sum(p * m_v[None, :], axis=1)[:, None]
+            if E == 1:
+                upd = part
+            else:
+                upd = tl.where(((dch // W) == e)[None, :], part, upd)
+        acc = acc * alpha[:, None] + upd
+        m_i = m_new
+
+    if split == NSPLIT - 1:
+        m_i, l_i, acc = _attend16(
+            q_ptr, qoff, row_ok, q_abs, ko_ptr, vo_ptr,
+            b.to(tl.int64) * sko_b + kvh * sko_h, sko_t, n_open, n_sink + n_pages * PART,
+            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
+        )  # fmt: skip
+
+    ooff = b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + pos.to(tl.int64) * so_m
+    if SPLIT:
+        ooff += split * so_s
+        tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=row_ok[:, None])
+        mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + split * sml_s
+        tl.store(ml_ptr + mloff, m_i, mask=row_ok)
+        tl.store(ml_ptr + mloff + 1, l_i, mask=row_ok)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(
+            o_ptr + ooff[:, None] + dch[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+
+
+_ = triton  # imported for the decorator's module

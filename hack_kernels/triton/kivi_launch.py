@@ -1,0 +1,101 @@
+"""Launching kivi_attn_kernel over KiviPages (prefill rows or decode split-K)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .attention_kernel import combine_splits_kernel
+from .kivi_kernel import kivi_attn_kernel
+from .kivi_pages import KiviPages
+from .launch import LAST_COMPILED, LOG2E, _nonempty, interpreting, launch_params
+
+
+def _bstride(t: torch.Tensor, batch: int) -> int:
+    """Batch stride of a page array: 0 when one set of pages serves every sequence (paged cache)."""
+    return 0 if t.shape[0] == 1 and batch > 1 else t.stride(0)
+
+
+def run_kivi_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    bt_batch_stride: int,
+    pages: KiviPages,
+    sinks: tuple,
+    opens: tuple,
+    *,
+    kv_heads: int,
+    n_sink: int,
+    partition: int,
+    bits: int,
+    causal: bool,
+    sm_scale: float | None,
+    decode: bool,
+    num_splits: int = 1,
+) -> torch.Tensor:
+    """Attention of q [B, Hq, M, D] over `pages` (tensors [B or 1, pages, H, ...], physical page
+    ids from block_tables) plus 16-bit sinks / open tokens given as (k, v, s_batch, s_head,
+    s_token). Decode (M == 1) splits the pages into num_splits partials merged afterwards."""
+    sinks, opens = (tuple(_nonempty(t) for t in grp) for grp in (sinks, opens))
+    b, hq, m, d = q.shape
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    g = hq // kv_heads
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    for name, t in pages.tensors().items():
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"page array {name} must be contiguous in its last axis")
+    # no closed pages: the kernel reads none, but needs pointers with storage
+    pages = KiviPages(**{
+        n: t if t.numel() else t.new_zeros((1,) * t.dim()) for n, t in pages.tensors().items()
+    })  # fmt: skip
+    kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
+    vc, vm, vs, vcs = pages.v_codes, pages.v_mins, pages.v_scales, pages.v_colsums
+    page_args = (
+        kc, _bstride(kc, b), kc.stride(1), kc.stride(2), kc.stride(3),
+        km, ks, _bstride(km, b), km.stride(1), km.stride(2),
+        vc, _bstride(vc, b), vc.stride(1), vc.stride(2), vc.stride(3),
+        vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2), vm.stride(3),
+        vcs, _bstride(vcs, b), vcs.stride(1), vcs.stride(2),
+    )  # fmt: skip
+    consts = dict(
+        D=d, PART=partition, BITS=bits, E=vm.shape[-1], W=min(partition, d),
+        INTERP=interpreting(), BLOCK16=16,
+    )  # fmt: skip
+    if decode:
+        params = launch_params("decode_kivi", d, partition)
+        part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        ml = torch.empty((b, hq, num_splits, 2), dtype=torch.float32, device=q.device)
+        grid = (1, b * kv_heads, num_splits)
+        o_args = (part, part.stride(0), part.stride(1), 0, part.stride(2))
+        ml_args = (ml, ml.stride(0), ml.stride(1), ml.stride(2))
+        rows = max(16, triton.next_power_of_2(g))
+        shape = dict(GR=g, BLOCK_P=1, ROWS=rows, CAUSAL=False, SPLIT=True)
+        nhg = kv_heads
+    else:
+        params = launch_params("prefill_kivi", d, partition)
+        bp = params.get("BLOCK_P", 64)
+        grid = (triton.cdiv(m, bp), b * hq, 1)
+        o_args = (out, out.stride(0), out.stride(1), out.stride(2), 0)
+        ml_args = (out, 0, 0, 0)
+        shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp), CAUSAL=causal, SPLIT=False)
+        nhg, num_splits = hq, 1
+    launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
+    compiled = kivi_attn_kernel[grid](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        *o_args, *ml_args,
+        seq_lens, block_tables, bt_batch_stride,
+        *page_args, *sinks, *opens,
+        m, n_sink, num_splits, nhg, g, scale,
+        **consts, **shape, **launch,
+    )  # fmt: skip
+    LAST_COMPILED[("decode_kivi" if decode else "prefill_kivi", d, partition)] = compiled
+    if decode:
+        combine_splits_kernel[(b * hq,)](
+            part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
+        )
+    return out
