@@ -57,8 +57,11 @@ def copy_bandwidth() -> float:
 def dequant_sdpa_fn(q, qkv):
     """KIVI/KVQuant-style: materialize 16-bit K and V from the codes, then SDPA."""
 
+    paper = qkv.config.layout == "paper"
+
     def fn():
-        kc = dequantize(qkv.k_q, torch.float16).transpose(-1, -2)
+        kc = dequantize(qkv.k_q, torch.float16)
+        kc = kc.transpose(-1, -2) if paper else kc  # paper: K^T is what is quantized
         vc = dequantize(qkv.v_q, torch.float16)
         k = torch.cat([qkv.k_sink, kc, qkv.k_open], 2)
         v = torch.cat([qkv.v_sink, vc, qkv.v_open], 2)
@@ -90,21 +93,35 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
     cache, qkv = build_cache(k, v, cfg)
     max_pages = (ctx - cfg.sink_tokens) // cfg.partition
-    key = ("decode", d, cfg.partition)
+    kivi = cfg.layout == "kivi"
+    key = ("decode_kivi" if kivi else "decode", d, cfg.partition)
     if tune:
         best = None
-        # measured on the H100 (notes): 8 warps, PREFETCH and DOT16 were slower; sweep the rest
-        grid = [(4, 16, 1, False), (4, 16, 4, False), (4, 4, 1, True), (4, 8, 1, True),
-                (4, 16, 1, True), (4, 32, 1, True), (8, 16, 1, True)]  # fmt: skip
-        for nw, waves, slots, tr in grid:
-            launch.TUNED[key] = {
-                "num_warps": nw, "num_stages": 1, "waves": waves, "PREFETCH": False,
-                "DOT16": False, "SLOTS": slots, "TRANSPOSED": tr,
-            }  # fmt: skip
-            us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
-            print(f"    {launch.TUNED[key]}: {us:.1f} us", flush=True)
+        if kivi:  # (warps, stages, waves)
+            grid = [(4, 1, 16), (4, 2, 16), (4, 3, 16), (8, 1, 16), (2, 1, 16), (4, 1, 8),
+                    (4, 1, 32)]  # fmt: skip
+            configs = [
+                {"num_warps": nw, "num_stages": ns, "waves": wv, "min_pages": 2}
+                for nw, ns, wv in grid
+            ]
+        else:
+            # measured on the H100 (notes): 8 warps, PREFETCH and DOT16 were slower
+            grid = [(4, 16, 1, False), (4, 16, 4, False), (4, 8, 1, True), (8, 16, 1, True)]
+            configs = [
+                {"num_warps": nw, "num_stages": 1, "waves": waves, "PREFETCH": False,
+                 "DOT16": False, "SLOTS": slots, "TRANSPOSED": tr, "min_pages": 2}
+                for nw, waves, slots, tr in grid
+            ]  # fmt: skip
+        for conf in configs:
+            launch.TUNED[key] = conf
+            try:
+                us = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory or registers
+                print(f"    {conf}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            print(f"    {conf}: {us:.1f} us", flush=True)
             if best is None or us < best[0]:
-                best = (us, dict(launch.TUNED[key]))
+                best = (us, dict(conf))
         launch.TUNED[key] = best[1]
         print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
     t_hack = bench(lambda: decode_attention(q, cache, max_pages=max_pages))
@@ -114,7 +131,7 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     fb = 2 * k.numel() * 2
     ops = 2 * 2 * batch * hq * ctx * d
     row = {
-        "kind": "decode", "model": model, "batch": batch, "context": ctx,
+        "kind": "decode", "layout": cfg.layout, "model": model, "batch": batch, "context": ctx,
         "hack_us": t_hack, "sdpa_us": t_sdpa, "dequant_sdpa_us": t_deq,
         "speedup_vs_sdpa": t_sdpa / t_hack,
         "speedup_vs_dequant_sdpa": (t_deq / t_hack) if t_deq else None,
@@ -124,7 +141,7 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     rows.append(row)
     deq = f"{t_deq:9.1f}" if t_deq else "      n/a"
     print(
-        f"decode {model:13s} b{batch:<3d} ctx{ctx:>7d}: hack {t_hack:9.1f} us  sdpa {t_sdpa:9.1f}"
+        f"decode {cfg.layout:5s} {model:13s} b{batch:<3d} ctx{ctx:>7d}: hack {t_hack:9.1f} us  sdpa {t_sdpa:9.1f}"
         f"  deq+sdpa {deq}  x{row['speedup_vs_sdpa']:.2f}  {row['hack_tbps_compressed']:.2f} TB/s"
         f" (sdpa {row['sdpa_tbps']:.2f})",
         flush=True,
@@ -139,7 +156,7 @@ def prefill_case(model, s, cfg, rows, tune):
     k = torch.randn(1, hk, s, d, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     qkv = quantize_kv_triton(k, v, cfg, validate=False)
-    key = ("prefill", d, cfg.partition)
+    key = ("prefill_kivi" if cfg.layout == "kivi" else "prefill", d, cfg.partition)
     if tune:
         best = None
         for bp, nw, d16 in [(64, 4, False), (128, 4, False)]:  # 8 warps / DOT16: slower (notes)
@@ -172,7 +189,7 @@ def prefill_case(model, s, cfg, rows, tune):
     t_quant = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False), graph=False)
     flops = 2 * 2 * hq * s * s * d / 2  # causal: half of the score matrix
     row = {
-        "kind": "prefill", "model": model, "seq": s,
+        "kind": "prefill", "layout": cfg.layout, "model": model, "seq": s,
         "sdpa_us": t_sdpa, "hack_us": t_hack, "hack_attention_only_us": t_attn,
         "fp16_mode_us": t_fp16, "quantize_us": t_quant,
         "speedup_hack_vs_sdpa": t_sdpa / t_hack, "speedup_fp16_mode_vs_sdpa": t_sdpa / t_fp16,
@@ -180,7 +197,7 @@ def prefill_case(model, s, cfg, rows, tune):
     }  # fmt: skip
     rows.append(row)
     print(
-        f"prefill {model:13s} S{s:>6d}: sdpa {t_sdpa:9.1f} us  hack {t_hack:9.1f} (attn {t_attn:.1f},"
+        f"prefill {cfg.layout:5s} {model:13s} S{s:>6d}: sdpa {t_sdpa:9.1f} us  hack {t_hack:9.1f} (attn {t_attn:.1f},"
         f" quant {t_quant:.1f})  fp16-mode {t_fp16:9.1f}  x{row['speedup_hack_vs_sdpa']:.2f}"
         f" / x{row['speedup_fp16_mode_vs_sdpa']:.2f}  {row['hack_tops']:.0f} TOP/s",
         flush=True,
@@ -205,8 +222,12 @@ def quantize_case(cfg, copy_tbps, rows, tune):
         print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
     us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False))
     args = dict(bits=cfg.bits, partition=cfg.partition)
-    us_k = bench(lambda: quantize_groups_triton(k.transpose(-1, -2), -2, **args))
-    us_v = bench(lambda: quantize_groups_triton(v, -2, **args))
+    if cfg.layout == "paper":  # K^T along head_dim, V along tokens
+        us_k = bench(lambda: quantize_groups_triton(k.transpose(-1, -2), -2, **args))
+        us_v = bench(lambda: quantize_groups_triton(v, -2, **args))
+    else:  # K along tokens, V along head_dim
+        us_k = bench(lambda: quantize_groups_triton(k, -2, **args))
+        us_v = bench(lambda: quantize_groups_triton(v, -1, **args))
     print(f"  K alone {us_k:.1f} us, V alone {us_v:.1f} us", flush=True)
     qkv = quantize_kv_triton(k, v, cfg, validate=False)
     moved = 2 * k.numel() * 2 + qkv.k_q.nbytes + qkv.v_q.nbytes
@@ -215,13 +236,13 @@ def quantize_case(cfg, copy_tbps, rows, tune):
     us_copy = bench(lambda: (kk.copy_(k), kk.copy_(v)))
     copy_same = 2 * 2 * k.numel() * 2 / us_copy / 1e6
     rows.append({
-        "kind": "quantize", "tokens": 65536, "kv_heads": 8, "head_dim": 128, "us": us,
+        "kind": "quantize", "layout": cfg.layout, "tokens": 65536, "kv_heads": 8, "head_dim": 128, "us": us,
         "k_only_us": us_k, "v_only_us": us_v,
         "tbps_read_plus_written": tbps, "copy_tbps": copy_tbps, "copy_same_tensors_tbps": copy_same,
         "fraction_of_copy": tbps / copy_tbps,
     })  # fmt: skip
     print(
-        f"quantize-and-pack K+V 64K tok x 8 heads x d128: {us:.1f} us, {tbps:.2f} TB/s"
+        f"quantize-and-pack ({cfg.layout}) K+V 64K tok x 8 heads x d128: {us:.1f} us, {tbps:.2f} TB/s"
         f" = {tbps / copy_tbps:.0%} of copy ({copy_tbps:.2f} TB/s; same-tensor copy {copy_same:.2f})",
         flush=True,
     )
@@ -237,14 +258,24 @@ def main() -> None:
     ap.add_argument(
         "--retune", action="store_true", help="sweep even where tuned_h100.json has an entry"
     )
+    ap.add_argument("--layouts", default="kivi,paper", help="comma list; kivi is the default")
     args = ap.parse_args()
-    cfg = HackConfig(layout="paper")  # 2-bit, partition 64, nearest; the layout the kernels cover
     rows: list[dict] = []
     copy_tbps = copy_bandwidth()
     print(f"copy bandwidth {copy_tbps:.2f} TB/s (read + written)", flush=True)
+    for lay in args.layouts.split(","):
+        cfg = HackConfig(layout=lay)  # 2-bit, partition 64, nearest
+        run_layout(cfg, args, rows, copy_tbps)
+    meta_cfg = HackConfig().to_dict()
+    write_results(args, rows, meta_cfg)
+
+
+def run_layout(cfg: HackConfig, args, rows: list[dict], copy_tbps: float) -> None:
     quantize_case(
         cfg, copy_tbps, rows, tune=args.retune or ("quantize", 0, cfg.partition) not in launch.TUNED
     )
+    dkey = "decode_kivi" if cfg.layout == "kivi" else "decode"
+    pkey = "prefill_kivi" if cfg.layout == "kivi" else "prefill"
     if args.quick:
         dec = [("llama8b_d128", 16, 32768), ("llama8b_d128", 1, 32768), ("llama8b_d128", 1, 4096)]
         pre = [("llama8b_d128", 16384)]
@@ -259,15 +290,18 @@ def main() -> None:
     first = [(m, 16, 32768) for m in dict.fromkeys(m for m, _, _ in dec) if (m, 16, 32768) in dec]
     for model, b, c in first + [x for x in dec if x not in first]:
         d = MODELS[model][2]
-        known = ("decode", d, cfg.partition) in launch.TUNED and not args.retune
-        decode_case(model, b, c, cfg, rows, tune=("decode", d) not in tuned and not known)
-        tuned.add(("decode", d))
+        known = (dkey, d, cfg.partition) in launch.TUNED and not args.retune
+        decode_case(model, b, c, cfg, rows, tune=(dkey, d) not in tuned and not known)
+        tuned.add((dkey, d))
     if not args.skip_prefill:
         for model, s in pre:
             d = MODELS[model][2]
-            known = ("prefill", d, cfg.partition) in launch.TUNED and not args.retune
-            prefill_case(model, s, cfg, rows, tune=("prefill", d) not in tuned and not known)
-            tuned.add(("prefill", d))
+            known = (pkey, d, cfg.partition) in launch.TUNED and not args.retune
+            prefill_case(model, s, cfg, rows, tune=(pkey, d) not in tuned and not known)
+            tuned.add((pkey, d))
+
+
+def write_results(args, rows: list[dict], cfg: dict) -> None:
     for key, ck in launch.LAST_COMPILED.items():
         info = {a: getattr(ck, a, None) for a in ("n_regs", "n_spills")}
         info["shared"] = getattr(getattr(ck, "metadata", None), "shared", None)
@@ -279,7 +313,8 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "config": cfg.to_dict(),
+        "config": cfg,
+        "layouts": args.layouts.split(","),
         "timing": "median of CUDA-graph replays (decode), do_bench median (prefill, quantize)",
         "tuned": {"|".join(map(str, k)): v for k, v in launch.TUNED.items()},
     }

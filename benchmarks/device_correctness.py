@@ -48,10 +48,10 @@ def check_quantize(results):
                                 "mismatches": bad, "ok": not any(bad.values())})  # fmt: skip
 
 
-def check_prefill(results):
+def check_prefill(results, layout="paper"):
     for d, p, s, sinks, dtype in ((128, 64, 2048, 4, torch.float16), (64, 32, 1000, 0, torch.bfloat16),
                                   (128, 128, 1500, 0, torch.float16)):  # fmt: skip
-        cfg = HackConfig(partition=p, sink_tokens=sinks)
+        cfg = HackConfig(partition=p, sink_tokens=sinks, layout=layout)
         q = torch.randn(1, 32, s, d, device="cuda").to(dtype)
         k = (torch.randn(1, 8, s, d, device="cuda") + 0.5).to(dtype)
         v = torch.randn(1, 8, s, d, device="cuda").to(dtype)
@@ -59,7 +59,7 @@ def check_prefill(results):
         prefill_attention(q, k, v, cfg, mode="hack", out=out)
         ref = reference_attention(q, quantize_kv(k, v, cfg))
         e = rel(out, ref)
-        results.append({"check": "prefill", "d": d, "partition": p, "seq": s, "dtype": str(dtype),
+        results.append({"check": "prefill", "layout": layout, "d": d, "partition": p, "seq": s, "dtype": str(dtype),
                         "rel_err": e, "ok": e <= TOL})  # fmt: skip
 
 
@@ -82,11 +82,13 @@ def check_decode(results):
         check_prefill(results) if variant["DOT16"] else None
     launch.TUNED.clear()
     launch.TUNED.update(launch._load_tuned())
+    _check_decode_cases(results, cases + [(128, 128, 0, [300, 129])], {}, "kivi")
+    check_prefill(results, "kivi")
 
 
-def _check_decode_cases(results, cases, variant):
+def _check_decode_cases(results, cases, variant, layout="paper"):
     for d, p, sinks, lens in cases:
-        cfg = HackConfig(partition=p, sink_tokens=sinks)
+        cfg = HackConfig(partition=p, sink_tokens=sinks, layout=layout)
         n = len(lens)
         cache = PagedHackCache(
             cfg, sum(lens) // p + 4 * n, n, 8, d, max(lens) // p + 2, device="cuda"
@@ -107,7 +109,7 @@ def _check_decode_cases(results, cases, variant):
         out = torch.full(q.shape, float("nan"), device="cuda")
         decode_attention(q, cache, out=out)
         errs = [rel(out[i : i + 1], reference_attention(q[i : i + 1], qkvs[i])) for i in range(n)]
-        results.append({"check": "decode", "d": d, "partition": p, "lens": lens, "rel_err": errs, **variant,
+        results.append({"check": "decode", "layout": layout, "d": d, "partition": p, "lens": lens, "rel_err": errs, **variant,
                         "ok": max(errs) <= TOL})  # fmt: skip
 
 
