@@ -1,14 +1,18 @@
 """The homomorphic attention kernel of the kivi layout (prefill rows or decode split-K).
 
-One program owns ROWS query rows (GR q heads x BLOCK_P positions, padded to the 16 rows a tensor
-core product needs) of one kv head and a range of closed pages (kivi_pages.py). Per page of PART
-tokens, with K grouped per channel over the page and V grouped per token along D:
+One program owns ROWS rows of one kv head: E copies (one per V channel group) of GR q heads x
+BLOCK_P query positions, padded to the 16 rows a tensor core product needs, over a range of
+closed pages (kivi_pages.py; split-K for decode). Per page of PART tokens, with K grouped per
+channel over the page and V grouped per token along D:
 
   Q.K^T:  Q' = Q * s_k (K's scales folded into Q), Q' ~= s_q * c_q with c_q in [-127, 127]
           scores = s_q (c_q . k_codes) + Q . m_k
-  P.V:    per V channel group e, P' = P * s_v[:, e] ~= s_p * c_p with c_p in [0, 255]
-          out_e = s_p ((c_p - 128) . v_codes + 128 colsum(v_codes)) + P . m_v[:, e]
+  P.V:    row copy e folds V's scales of channel group e: P' = P * s_v[:, e] ~= s_p * c_p,
+          c_p in [0, 255];  out = s_p ((c_p - 128) . v_codes + 128 colsum(v_codes)) + P . m_v[:, e]
+          and copy e keeps only the channels of group e when it is written out.
 
+Spending rows on the E copies fills tensor-core rows that decode would pad anyway (4 GQA heads x
+2 groups = 8 of 16 at d128, partition 64) and makes P.V one product per page instead of E.
 The products run on int8 tensor cores (int32 accumulate); colsum is stored with the page. No
 code is ever dequantized. Code tiles are read from planar packing: byte i of a row holds elements
 i, i + n/4, i + n/2, i + 3n/4 (2-bit), so each byte is loaded once per plane with contiguous
@@ -72,12 +76,13 @@ def kivi_attn_kernel(
     split = tl.program_id(2)
     kvh = (hg * GR) // G
 
-    # rows: GR heads x BLOCK_P query positions
+    # rows: E copies (V channel group e) x GR heads x BLOCK_P query positions
     r = tl.arange(0, ROWS)
-    hl = r // BLOCK_P
+    e_r = r // (GR * BLOCK_P)
+    hl = (r % (GR * BLOCK_P)) // BLOCK_P
     pos = pid_m * BLOCK_P + r % BLOCK_P
     head = hg * GR + hl
-    row_ok = (hl < GR) & (pos < M)
+    row_ok = (e_r < E) & (hl < GR) & (pos < M)
     T = tl.load(seq_ptr + b)
     q_abs = T - M + pos
     qoff = b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + pos.to(tl.int64) * sq_m
@@ -99,7 +104,6 @@ def kivi_attn_kernel(
     tok = tl.arange(0, PART)
     dch = tl.arange(0, D)
     q = tl.load(q_ptr + qoff[:, None] + dch[None, :], mask=row_ok[:, None], other=0.0)
-    q = q.to(tl.float32)
 
     pps = tl.cdiv(n_pages, NSPLIT)
     p_lo = split * pps
@@ -117,9 +121,10 @@ def kivi_attn_kernel(
         kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dch
         s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
         m_k = tl.load(km_ptr + kmeta).to(tl.float32)
-        c_q, s_q = _codes_no_zero_point(q * s_k[None, :], 127.0, True)
+        qf = q.to(tl.float32)
+        c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, True)
         qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
-        s = s_q[:, None] * qk.to(tl.float32) + tl.sum(q * m_k[None, :], axis=1)[:, None]
+        s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k[None, :], axis=1)[:, None]
         s = s * qk_scale
         if CAUSAL:
             s = tl.where((n_sink + j * PART + tok)[None, :] <= q_abs[:, None], s, -float("inf"))
@@ -131,24 +136,17 @@ def kivi_attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        # out_e = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], per channel group e
+        # out = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], row copy e
         v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
         v_codes = _planar_tile(v_rows, PART, BITS)  # [D, PART]
         colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
-        vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok * svm_t
-        upd = tl.zeros([ROWS, D], tl.float32)
-        for e in tl.static_range(E):
-            s_v = tl.load(vss_ptr + vmeta + e).to(tl.float32)
-            m_v = tl.load(vm_ptr + vmeta + e).to(tl.float32)
-            c_p, s_p = _codes_no_zero_point(p * s_v[None, :], 255.0, False)
-            pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
-            part = s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
-            part += tl.sum(p * m_v[None, :], axis=1)[:, None]
-            if E == 1:
-                upd = part
-            else:
-                upd = tl.where(((dch // W) == e)[None, :], part, upd)
-        acc = acc * alpha[:, None] + upd
+        vmeta = (bk * svm_b + pg * svm_p + kvh * svm_h + e_r)[:, None] + tok[None, :] * svm_t
+        s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, PART]: group e_r of each token
+        m_v = tl.load(vm_ptr + vmeta).to(tl.float32)
+        c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
+        pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+        acc = acc * alpha[:, None] + s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
+        acc += tl.sum(p * m_v, axis=1)[:, None]
         m_i = m_new
 
     if split == NSPLIT - 1:
@@ -158,20 +156,18 @@ def kivi_attn_kernel(
             m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
         )  # fmt: skip
 
+    # row copy e writes the channels of group e
     ooff = b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + pos.to(tl.int64) * so_m
+    omask = row_ok[:, None] & ((dch // W)[None, :] == e_r[:, None])
     if SPLIT:
         ooff += split * so_s
-        tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=row_ok[:, None])
+        tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=omask)
         mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + split * sml_s
-        tl.store(ml_ptr + mloff, m_i, mask=row_ok)
-        tl.store(ml_ptr + mloff + 1, l_i, mask=row_ok)
+        tl.store(ml_ptr + mloff, m_i, mask=row_ok & (e_r == 0))
+        tl.store(ml_ptr + mloff + 1, l_i, mask=row_ok & (e_r == 0))
     else:
         out = acc / l_i[:, None]
-        tl.store(
-            o_ptr + ooff[:, None] + dch[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
+        tl.store(o_ptr + ooff[:, None] + dch[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
 _ = triton  # imported for the decorator's module

@@ -63,7 +63,7 @@ def run_kivi_attention(
         vcs, _bstride(vcs, b), vcs.stride(1), vcs.stride(2),
     )  # fmt: skip
     consts = dict(
-        D=d, PART=partition, BITS=bits, E=vm.shape[-1], W=min(partition, d),
+        D=d, PART=partition, BITS=bits, E=triton.cdiv(d, partition), W=min(partition, d),
         INTERP=interpreting(), BLOCK16=16,
     )  # fmt: skip
     if decode:
@@ -73,7 +73,7 @@ def run_kivi_attention(
         grid = (1, b * kv_heads, num_splits)
         o_args = (part, part.stride(0), part.stride(1), 0, part.stride(2))
         ml_args = (ml, ml.stride(0), ml.stride(1), ml.stride(2))
-        rows = max(16, triton.next_power_of_2(g))
+        rows = max(16, triton.next_power_of_2(g * consts["E"]))
         shape = dict(GR=g, BLOCK_P=1, ROWS=rows, CAUSAL=False, SPLIT=True)
         nhg = kv_heads
     else:
@@ -82,7 +82,7 @@ def run_kivi_attention(
         grid = (triton.cdiv(m, bp), b * hq, 1)
         o_args = (out, out.stride(0), out.stride(1), out.stride(2), 0)
         ml_args = (out, 0, 0, 0)
-        shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp), CAUSAL=causal, SPLIT=False)
+        shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp * consts["E"]), CAUSAL=causal, SPLIT=False)
         nhg, num_splits = hq, 1
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     compiled = kivi_attn_kernel[grid](
