@@ -12,24 +12,25 @@ from pathlib import Path
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| kind | model | batch / seq | context | hack-kv us | SDPA us | deq+SDPA us | x SDPA | TB/s (compressed) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    out = ["| kind | layout | model | batch / seq | context | hack-kv us | SDPA us | deq+SDPA us | x SDPA | TB/s (compressed) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
+        lay = r.get("layout", "paper")
         if r["kind"] == "decode":
             deq = f"{r['dequant_sdpa_us']:.1f}" if r["dequant_sdpa_us"] else "n/a"
             out.append(
-                f"| decode | {r['model']} | b{r['batch']} | {r['context']} | {r['hack_us']:.1f} |"
+                f"| decode | {lay} | {r['model']} | b{r['batch']} | {r['context']} | {r['hack_us']:.1f} |"
                 f" {r['sdpa_us']:.1f} | {deq} | {r['speedup_vs_sdpa']:.2f} | {r['hack_tbps_compressed']:.2f} |"
             )
         elif r["kind"] == "prefill":
             out.append(
-                f"| prefill hack (fp16 mode) | {r['model']} | S{r['seq']} | causal | {r['hack_us']:.0f}"
+                f"| prefill hack (fp16 mode) | {lay} | {r['model']} | S{r['seq']} | causal | {r['hack_us']:.0f}"
                 f" ({r['fp16_mode_us']:.0f}) | {r['sdpa_us']:.0f} | | {r['speedup_hack_vs_sdpa']:.2f}"
                 f" ({r['speedup_fp16_mode_vs_sdpa']:.2f}) | |"
             )
         elif r["kind"] == "quantize":
             out.append(
-                f"| quantize-and-pack | K+V d128 | 8 heads | {r['tokens']} | {r['us']:.1f} | | |"
+                f"| quantize-and-pack | {lay} | K+V d128 | 8 heads | {r['tokens']} | {r['us']:.1f} | | |"
                 f" {r['fraction_of_copy']:.2f} of copy | {r['tbps_read_plus_written']:.2f} |"
             )
     return "\n".join(out)
@@ -44,20 +45,19 @@ def plot(data: dict, path: Path) -> None:
     rows = data["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
-    for model in sorted({r["model"] for r in rows if r["kind"] == "decode"}):
-        for b in sorted(
-            {r["batch"] for r in rows if r["kind"] == "decode" and r["model"] == model}
-        ):
-            rs = [
-                r for r in rows if r["kind"] == "decode" and r["model"] == model and r["batch"] == b
-            ]
-            rs.sort(key=lambda r: r["context"])
-            ax.plot(
-                [r["context"] for r in rs],
-                [r["speedup_vs_sdpa"] for r in rs],
-                "o-",
-                label=f"{model} b{b}",
-            )
+    dec = [r for r in rows if r["kind"] == "decode"]
+    series = sorted({(r.get("layout", "paper"), r["model"], r["batch"]) for r in dec})
+    for lay, model, b in series:
+        rs = [
+            r for r in dec if (r.get("layout", "paper"), r["model"], r["batch"]) == (lay, model, b)
+        ]
+        rs.sort(key=lambda r: r["context"])
+        ax.plot(
+            [r["context"] for r in rs],
+            [r["speedup_vs_sdpa"] for r in rs],
+            "o-" if lay == "kivi" else "x--",
+            label=f"{lay} {model} b{b}",
+        )
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(4.0, color="g", ls="--", lw=0.8, label="target b16@32K (4x)")
     ax.set_xscale("log", base=2)
@@ -67,7 +67,7 @@ def plot(data: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax = axes[1]
     pre = [r for r in rows if r["kind"] == "prefill"]
-    labels = [f"{r['model']}\nS{r['seq']}" for r in pre]
+    labels = [f"{r.get('layout', 'paper')}\n{r['model']}\nS{r['seq']}" for r in pre]
     x = range(len(pre))
     ax.bar(
         [i - 0.2 for i in x],

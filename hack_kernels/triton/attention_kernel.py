@@ -124,6 +124,63 @@ def _attend16(
 
 
 @triton.jit
+def _seq_start(
+    q_ptr, qoff, row_ok, pos, b, kvh, seq_ptr, M, NSINK, split,
+    ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale,
+    D: tl.constexpr, PART: tl.constexpr, ROWS: tl.constexpr, BLOCK16: tl.constexpr,
+    CAUSAL: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """A program's sequence geometry and its softmax state after the 16-bit sinks (split 0)."""
+    T = tl.load(seq_ptr + b)
+    q_abs = T - M + pos
+    n_sink = tl.minimum(T, NSINK)
+    n_pages = (T - n_sink) // PART
+    m_i = tl.full([ROWS], -float("inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    if split == 0:
+        m_i, l_i, acc = _attend16(
+            q_ptr, qoff, row_ok, q_abs, ks_ptr, vs_ptr,
+            b.to(tl.int64) * sks_b + kvh * sks_h, sks_t, n_sink, 0,
+            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
+        )  # fmt: skip
+    return T, q_abs, n_sink, n_pages, m_i, l_i, acc
+
+
+@triton.jit
+def _seq_finish(
+    q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, NSPLIT, T, n_sink, n_pages,
+    ko_ptr, vo_ptr, sko_b, sko_h, sko_t, o_ptr, so_b, so_h, so_m, so_s,
+    ml_ptr, sml_b, sml_h, sml_s, m_i, l_i, acc, out_mask, first_copy, qk_scale,
+    D: tl.constexpr, PART: tl.constexpr, BLOCK16: tl.constexpr, CAUSAL: tl.constexpr,
+    SPLIT: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """The 16-bit open page (last split), then the rows' output: a split partial (acc, m, l)
+    or the normalized output. out_mask [ROWS, D] picks the elements a row writes; first_copy
+    [ROWS] the rows that write m and l."""
+    if split == NSPLIT - 1:
+        n_open = T - n_sink - n_pages * PART
+        m_i, l_i, acc = _attend16(
+            q_ptr, qoff, row_ok, q_abs, ko_ptr, vo_ptr,
+            b.to(tl.int64) * sko_b + kvh * sko_h, sko_t, n_open, n_sink + n_pages * PART,
+            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
+        )  # fmt: skip
+    dch = tl.arange(0, D)
+    ooff = b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + pos.to(tl.int64) * so_m
+    if SPLIT:
+        ooff += split * so_s
+        tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=out_mask)
+        mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + split * sml_s
+        tl.store(ml_ptr + mloff, m_i, mask=first_copy)
+        tl.store(ml_ptr + mloff + 1, l_i, mask=first_copy)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(
+            o_ptr + ooff[:, None] + dch[None, :], out.to(o_ptr.dtype.element_ty), mask=out_mask
+        )
+
+
+@triton.jit
 def _load_page(
     j, ok, b, kvh, bt_ptr, sbt_b, kc_ptr, skc_b, skc_p, skc_h, skc_t,
     km_ptr, kss_ptr, ksum_ptr, skm_b, skm_p, skm_h, skm_t,
@@ -221,24 +278,11 @@ def hack_attn_kernel(
     pos = pid_m * BLOCK_P + r % BLOCK_P
     head = hg * GR + hl
     row_ok = (hl < GR) & (pos < M)
-    T = tl.load(seq_ptr + b)
-    q_abs = T - M + pos
     qoff = b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + pos.to(tl.int64) * sq_m
-
-    n_sink = tl.minimum(T, NSINK)
-    n_pages = (T - n_sink) // PART
-    n_open = T - n_sink - n_pages * PART
-
-    m_i = tl.full([ROWS], -float("inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
-
-    if split == 0:
-        m_i, l_i, acc = _attend16(
-            q_ptr, qoff, row_ok, q_abs, ks_ptr, vs_ptr,
-            b.to(tl.int64) * sks_b + kvh * sks_h, sks_t, n_sink, 0,
-            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
-        )  # fmt: skip
+    T, q_abs, n_sink, n_pages, m_i, l_i, acc = _seq_start(
+        q_ptr, qoff, row_ok, pos, b, kvh, seq_ptr, M, NSINK, split,
+        ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale, D, PART, ROWS, BLOCK16, CAUSAL, INTERP,
+    )  # fmt: skip
 
     # Q codes and the per-(row, D-group) factors of Eq. (1), held for the whole page loop.
     qc0, sq0, bq0, aq0 = _q_group(q_ptr, qoff, row_ok, 0, GW, qk_scale)
@@ -314,27 +358,12 @@ def hack_attn_kernel(
         acc += (sp * sump + PART * mp)[:, None] * c_mv.to(tl.float32)[None, :]
         m_i = m_new
 
-    if split == NSPLIT - 1:
-        m_i, l_i, acc = _attend16(
-            q_ptr, qoff, row_ok, q_abs, ko_ptr, vo_ptr,
-            b.to(tl.int64) * sko_b + kvh * sko_h, sko_t, n_open, n_sink + n_pages * PART,
-            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
-        )  # fmt: skip
-
-    ooff = b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + pos.to(tl.int64) * so_m
-    if SPLIT:
-        ooff += split * so_s
-        tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=row_ok[:, None])
-        mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + split * sml_s
-        tl.store(ml_ptr + mloff, m_i, mask=row_ok)
-        tl.store(ml_ptr + mloff + 1, l_i, mask=row_ok)
-    else:
-        out = acc / l_i[:, None]
-        tl.store(
-            o_ptr + ooff[:, None] + dch[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
+    _seq_finish(
+        q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, NSPLIT, T, n_sink, n_pages,
+        ko_ptr, vo_ptr, sko_b, sko_h, sko_t, o_ptr, so_b, so_h, so_m, so_s,
+        ml_ptr, sml_b, sml_h, sml_s, m_i, l_i, acc, row_ok[:, None] & (dch >= 0)[None, :], row_ok,
+        qk_scale, D, PART, BLOCK16, CAUSAL, SPLIT, INTERP,
+    )  # fmt: skip
 
 
 @triton.jit

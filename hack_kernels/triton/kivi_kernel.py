@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_kernel import _attend16
+from .attention_kernel import _seq_finish, _seq_start
 
 
 @triton.jit
@@ -83,23 +83,11 @@ def kivi_attn_kernel(
     pos = pid_m * BLOCK_P + r % BLOCK_P
     head = hg * GR + hl
     row_ok = (e_r < E) & (hl < GR) & (pos < M)
-    T = tl.load(seq_ptr + b)
-    q_abs = T - M + pos
     qoff = b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + pos.to(tl.int64) * sq_m
-
-    n_sink = tl.minimum(T, NSINK)
-    n_pages = (T - n_sink) // PART
-    n_open = T - n_sink - n_pages * PART
-
-    m_i = tl.full([ROWS], -float("inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, D], tl.float32)
-    if split == 0:
-        m_i, l_i, acc = _attend16(
-            q_ptr, qoff, row_ok, q_abs, ks_ptr, vs_ptr,
-            b.to(tl.int64) * sks_b + kvh * sks_h, sks_t, n_sink, 0,
-            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
-        )  # fmt: skip
+    T, q_abs, n_sink, n_pages, m_i, l_i, acc = _seq_start(
+        q_ptr, qoff, row_ok, pos, b, kvh, seq_ptr, M, NSINK, split,
+        ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale, D, PART, ROWS, BLOCK16, CAUSAL, INTERP,
+    )  # fmt: skip
 
     tok = tl.arange(0, PART)
     dch = tl.arange(0, D)
@@ -149,25 +137,14 @@ def kivi_attn_kernel(
         acc += tl.sum(p * m_v, axis=1)[:, None]
         m_i = m_new
 
-    if split == NSPLIT - 1:
-        m_i, l_i, acc = _attend16(
-            q_ptr, qoff, row_ok, q_abs, ko_ptr, vo_ptr,
-            b.to(tl.int64) * sko_b + kvh * sko_h, sko_t, n_open, n_sink + n_pages * PART,
-            m_i, l_i, acc, qk_scale, D, BLOCK16, CAUSAL, INTERP,
-        )  # fmt: skip
-
-    # row copy e writes the channels of group e
-    ooff = b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + pos.to(tl.int64) * so_m
-    omask = row_ok[:, None] & ((dch // W)[None, :] == e_r[:, None])
-    if SPLIT:
-        ooff += split * so_s
-        tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=omask)
-        mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + split * sml_s
-        tl.store(ml_ptr + mloff, m_i, mask=row_ok & (e_r == 0))
-        tl.store(ml_ptr + mloff + 1, l_i, mask=row_ok & (e_r == 0))
-    else:
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + ooff[:, None] + dch[None, :], out.to(o_ptr.dtype.element_ty), mask=omask)
+    # row copy e writes the channels of group e; copy 0 writes m and l
+    _seq_finish(
+        q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, NSPLIT, T, n_sink, n_pages,
+        ko_ptr, vo_ptr, sko_b, sko_h, sko_t, o_ptr, so_b, so_h, so_m, so_s,
+        ml_ptr, sml_b, sml_h, sml_s, m_i, l_i, acc,
+        row_ok[:, None] & ((dch // W)[None, :] == e_r[:, None]), row_ok & (e_r == 0),
+        qk_scale, D, PART, BLOCK16, CAUSAL, SPLIT, INTERP,
+    )  # fmt: skip
 
 
 _ = triton  # imported for the decorator's module

@@ -10,7 +10,7 @@ import triton
 from .attention_kernel import combine_splits_kernel
 from .kivi_kernel import kivi_attn_kernel
 from .kivi_pages import KiviPages
-from .launch import LAST_COMPILED, LOG2E, _nonempty, interpreting, launch_params
+from .launch import LAST_COMPILED, LOG2E, _nonempty, interpreting, program_layout
 
 
 def _bstride(t: torch.Tensor, batch: int) -> int:
@@ -66,24 +66,10 @@ def run_kivi_attention(
         D=d, PART=partition, BITS=bits, E=triton.cdiv(d, partition), W=min(partition, d),
         INTERP=interpreting(), BLOCK16=16,
     )  # fmt: skip
-    if decode:
-        params = launch_params("decode_kivi", d, partition)
-        part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
-        ml = torch.empty((b, hq, num_splits, 2), dtype=torch.float32, device=q.device)
-        grid = (1, b * kv_heads, num_splits)
-        o_args = (part, part.stride(0), part.stride(1), 0, part.stride(2))
-        ml_args = (ml, ml.stride(0), ml.stride(1), ml.stride(2))
-        rows = max(16, triton.next_power_of_2(g * consts["E"]))
-        shape = dict(GR=g, BLOCK_P=1, ROWS=rows, CAUSAL=False, SPLIT=True)
-        nhg = kv_heads
-    else:
-        params = launch_params("prefill_kivi", d, partition)
-        bp = params.get("BLOCK_P", 64)
-        grid = (triton.cdiv(m, bp), b * hq, 1)
-        o_args = (out, out.stride(0), out.stride(1), out.stride(2), 0)
-        ml_args = (out, 0, 0, 0)
-        shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp * consts["E"]), CAUSAL=causal, SPLIT=False)
-        nhg, num_splits = hq, 1
+    kind = "decode_kivi" if decode else "prefill_kivi"
+    params, grid, o_args, ml_args, shape, nhg, num_splits, part, ml = program_layout(
+        q, out, kv_heads, kind, d, partition, causal, decode, num_splits, copies=consts["E"]
+    )
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -93,7 +79,7 @@ def run_kivi_attention(
         m, n_sink, num_splits, nhg, g, scale,
         **consts, **shape, **launch,
     )  # fmt: skip
-    LAST_COMPILED[("decode_kivi" if decode else "prefill_kivi", d, partition)] = compiled
+    LAST_COMPILED[(kind, d, partition)] = compiled
     if decode:
         combine_splits_kernel[(b * hq,)](
             part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))

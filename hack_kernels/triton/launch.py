@@ -121,25 +121,10 @@ def run_attention(
     interp = interpreting()
     gw = group_width(d, partition)
     common = dict(D=d, PART=partition, BITS=bits, GW=gw, INTERP=interp, BLOCK16=16)
-    if decode:
-        params = launch_params("decode", d, partition)
-        rows = max(16, triton.next_power_of_2(g))
-        part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
-        ml = torch.empty((b, hq, num_splits, 2), dtype=torch.float32, device=q.device)
-        grid = (1, b * kv_heads, num_splits)
-        o_args = (part, part.stride(0), part.stride(1), 0, part.stride(2))
-        ml_args = (ml, ml.stride(0), ml.stride(1), ml.stride(2))
-        shape = dict(GR=g, BLOCK_P=1, ROWS=rows, CAUSAL=False, SPLIT=True)
-        nhg = kv_heads
-    else:
-        params = launch_params("prefill", d, partition)
-        bp = params.get("BLOCK_P", 64)
-        grid = (triton.cdiv(m, bp), b * hq, 1)
-        o_args = (out, out.stride(0), out.stride(1), out.stride(2), 0)
-        ml_args = (out, 0, 0, 0)
-        shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp), CAUSAL=causal, SPLIT=False)
-        nhg = hq
-        num_splits = 1
+    params, grid, o_args, ml_args, shape, nhg, num_splits, part, ml = program_layout(
+        q, out, kv_heads, "decode" if decode else "prefill", d, partition, causal, decode,
+        num_splits, copies=1,
+    )  # fmt: skip
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     slots = slots_for(g, int(params.get("SLOTS", 1))) if decode else 1
     if decode and params.get("TRANSPOSED", False) and g <= 16:
@@ -168,6 +153,34 @@ def run_attention(
             part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
         )
     return out
+
+
+def program_layout(
+    q: torch.Tensor, out: torch.Tensor, kv_heads: int, kind: str, d: int, partition: int,
+    causal: bool, decode: bool, num_splits: int, copies: int,
+):  # fmt: skip
+    """Grid, output arguments and row shape of an attention kernel: decode programs own a kv
+    head's GQA group (split-K partials); prefill programs BLOCK_P positions of one q head.
+    `copies` row copies per query row (the kivi kernel's V channel groups)."""
+    b, hq, m, _ = q.shape
+    g = hq // kv_heads
+    params = launch_params(kind, d, partition)
+    part = ml = None
+    if decode:
+        part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        ml = torch.empty((b, hq, num_splits, 2), dtype=torch.float32, device=q.device)
+        grid = (1, b * kv_heads, num_splits)
+        o_args = (part, part.stride(0), part.stride(1), 0, part.stride(2))
+        ml_args = (ml, ml.stride(0), ml.stride(1), ml.stride(2))
+        rows = max(16, triton.next_power_of_2(g * copies))
+        shape = dict(GR=g, BLOCK_P=1, ROWS=rows, CAUSAL=False, SPLIT=True)
+        return params, grid, o_args, ml_args, shape, kv_heads, num_splits, part, ml
+    bp = params.get("BLOCK_P", 64)
+    grid = (triton.cdiv(m, bp), b * hq, 1)
+    o_args = (out, out.stride(0), out.stride(1), out.stride(2), 0)
+    ml_args = (out, 0, 0, 0)
+    shape = dict(GR=1, BLOCK_P=bp, ROWS=max(16, bp * copies), CAUSAL=causal, SPLIT=False)
+    return params, grid, o_args, ml_args, shape, hq, 1, part, ml
 
 
 def _run_decode_slots(

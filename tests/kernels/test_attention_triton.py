@@ -15,17 +15,10 @@ from hack_kernels.triton import launch
 from hack_kernels.triton.decode import decode_attention
 from hack_kernels.triton.paged_cache import PagedHackCache
 from hack_kernels.triton.prefill import prefill_attention
+from tests.kernels.helpers import DEVICE, TOL, rel_written
 
 # the interpreter evaluates both sides of where(s > 0, 1 / s, 0)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-3
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    assert torch.isfinite(a).all(), "unwritten (NaN-poisoned) or non-finite output"
-    return float((a - b).norm() / b.norm())
 
 
 def _kv(gen, b, h, t, d, dtype):
@@ -58,7 +51,7 @@ def test_prefill_matches_reference(case):
     assert got is out
     ref = reference_attention(q, quantize_kv(k, v, cfg), causal=causal)
     assert qkv.num_closed == quantize_kv(k, v, cfg).num_closed
-    assert _rel(got, ref) <= TOL
+    assert rel_written(got, ref) <= TOL
 
 
 def test_prefill_fp16_mode_and_kivi_layout():
@@ -72,13 +65,13 @@ def test_prefill_fp16_mode_and_kivi_layout():
     vv = v.float().repeat_interleave(2, 1)
     s = (q.float() @ kk.transpose(-1, -2)) / 8.0
     s = s.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), -torch.inf)
-    assert _rel(out.float(), torch.softmax(s, -1) @ vv) <= 2e-3
+    assert rel_written(out.float(), torch.softmax(s, -1) @ vv) <= 2e-3
     assert qkv.num_closed == 32
     cfg = HackConfig(partition=32, layout="kivi")
     out, qkv = prefill_attention(
         q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cfg, mode="hack", out_dtype=torch.float32
     )
-    assert _rel(out, reference_attention(q, quantize_kv(k, v, cfg))) <= TOL
+    assert rel_written(out, reference_attention(q, quantize_kv(k, v, cfg))) <= TOL
 
 
 def test_prefill_bad_input():
@@ -136,7 +129,7 @@ def test_decode_matches_reference(case, kernel, monkeypatch):
         decode_attention(q.to(DEVICE), cache, num_splits=splits, out=out)
         for i in range(n):
             ref = reference_attention(q[i : i + 1], qkvs[i])
-            assert _rel(out[i : i + 1].float(), ref) <= TOL, (i, splits)
+            assert rel_written(out[i : i + 1].float(), ref) <= TOL, (i, splits)
 
 
 def test_decode_stochastic_pages_match_quantize_kv():

@@ -16,16 +16,9 @@ from hack_kernels.triton.decode import decode_attention
 from hack_kernels.triton.paged_cache import PagedHackCache, _batch_item
 from hack_kernels.triton.prefill import attend_quantized, prefill_attention
 from tests.core.oracle import np_unpack
+from tests.kernels.helpers import DEVICE, TOL, rel_written
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-3
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    assert torch.isfinite(a).all(), "unwritten (NaN-poisoned) or non-finite output"
-    return float((a - b).norm() / b.norm())
 
 
 def _kv(gen, b, h, t, d, dtype):
@@ -90,7 +83,7 @@ def test_kivi_prefill_matches_reference(case):
     else:  # the last m positions attend over a longer prefix
         got = torch.full((1, hq, m, d), float("nan"), device=DEVICE)
         attend_quantized(q.to(DEVICE), qkv.to(DEVICE), causal=causal, out=got)
-    assert _rel(got, ref) <= TOL
+    assert rel_written(got, ref) <= TOL
 
 
 def _check_pages(cache: PagedHackCache, slot: int, k_q, v_q) -> None:
@@ -153,7 +146,7 @@ def test_kivi_decode_matches_reference(case):
         decode_attention(q.to(DEVICE), cache, num_splits=splits, out=out)
         for i in range(n):
             ref = reference_attention(q[i : i + 1], qkvs[i])
-            assert _rel(out[i : i + 1], ref) <= TOL, (i, splits)
+            assert rel_written(out[i : i + 1], ref) <= TOL, (i, splits)
 
 
 def test_kivi_stochastic_pages_match_quantize_kv():
