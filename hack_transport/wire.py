@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 import struct
 import warnings
 from collections.abc import Sequence
@@ -147,6 +148,21 @@ class Block:
     tensors: dict[str, torch.Tensor]
     tp: tuple[int, int] = (0, 1)
     extra: dict = field(default_factory=dict)
+    # name -> (data_ptr, torch version counter, xxh3-64): computed once (first encode, or taken
+    # from the verified header on decode) so a resend or a store write does not hash again.
+    _checksums: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def checksum(self, name: str, data: memoryview | None = None) -> int:
+        """xxh3-64 of tensor `name`'s bytes, cached; an in-place torch write (which bumps the
+        tensor's version counter) or a different storage invalidates the cached value."""
+        t = self.tensors[name]
+        tag = (t.data_ptr(), t._version)
+        hit = self._checksums.get(name)
+        if hit is not None and hit[:2] == tag:
+            return hit[2]
+        value = xxhash.xxh3_64_intdigest(_bytes_view(t) if data is None else data)
+        self._checksums[name] = (*tag, value)
+        return value
 
     @property
     def codec(self) -> str:
@@ -261,10 +277,17 @@ def expected_tensors(
     sections: tuple[int, int, int],
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of every tensor of a block, in payload order."""
+    key = (config, dtype, n_layers, batch, heads, head_dim, tuple(sections))
+    return dict(_expected(key))
+
+
+@functools.lru_cache(maxsize=256)  # every frame of a transfer has one of a few geometries
+def _expected(key: tuple) -> tuple[tuple[str, tuple[torch.dtype, tuple[int, ...]]], ...]:
+    config, dtype, n_layers, batch, heads, head_dim, sections = key
     sink, closed, open_ = sections
     if config is None:
         shape = (n_layers, batch, heads, sum(sections), head_dim)
-        return {"k": (dtype, shape), "v": (dtype, shape)}
+        return (("k", (dtype, shape)), ("v", (dtype, shape)))
     out = {}
     for name, n in (("k_sink", sink), ("v_sink", sink)):
         out[name] = (dtype, (n_layers, batch, heads, n, head_dim))
@@ -275,7 +298,7 @@ def expected_tensors(
             out[f"{side}.{part}"] = (dt, (n_layers, *s))
     for name in ("k_open", "v_open"):
         out[name] = (dtype, (n_layers, batch, heads, open_, head_dim))
-    return out
+    return tuple(out.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +540,7 @@ def encode_block(block: Block, *, extra: dict | None = None) -> list[memoryview 
             )
         mv = _bytes_view(t)
         directory.append(
-            [name, _DTYPE_NAMES[dt], list(shape), offset, mv.nbytes, xxhash.xxh3_64_intdigest(mv)]
+            [name, _DTYPE_NAMES[dt], list(shape), offset, mv.nbytes, block.checksum(name, mv)]
         )
         buffers.append(mv)
         offset += mv.nbytes
@@ -794,32 +817,101 @@ def parse_header(
     )
 
 
+def alloc_payload(n: int) -> memoryview:
+    """A fresh, zeroed, writable buffer of n bytes for a frame's payload.
+
+    Anonymous memory mapped with MAP_POPULATE: the kernel zeroes and maps every page in one call
+    instead of one page fault per 4 KiB while the payload arrives, and there is no second
+    zero-filling pass as with bytearray(n). Falls back to bytearray where that is unavailable."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if n >= 1 << 16 and populate:
+        try:
+            m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+            return memoryview(m)
+        except OSError:
+            pass
+    return memoryview(bytearray(n))
+
+
+class PayloadVerifier:
+    """Verifies a payload's tensors while it arrives: advance(n), once the first n bytes are in
+    place, hashes up to byte n (a large tensor in a streaming xxh3 state, so its hash is done
+    soon after its last byte) and checks every tensor and padding that now lies wholly inside
+    them. block() checks the rest and returns the block; nothing is returned before every
+    checksum passed. advance() calls must not overlap (one thread at a time, in order)."""
+
+    def __init__(self, header: FrameHeader, payload: bytes | bytearray | memoryview):
+        self.header = header
+        self.mv = memoryview(payload).cast("B")
+        if len(self.mv) != header.payload_len:
+            raise TruncatedFrame(
+                f"payload has {len(self.mv)} bytes, the header announces {header.payload_len}",
+                "payload",
+            )
+        self._next = 0  # index of the first entry not yet verified
+        self._state: xxhash.xxh3_64 | None = None  # partial hash of entry _next
+        self._hashed = 0  # bytes of entry _next in _state
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.header.entries)
+
+    def advance(self, filled: int) -> None:
+        entries, mv = self.header.entries, self.mv
+        while self._next < len(entries):
+            e = entries[self._next]
+            end = e.offset + e.length
+            pad_end = min(end + _pad(e.length), self.header.payload_len)
+            avail = min(filled, end) - e.offset - self._hashed
+            if pad_end > filled:  # not all here yet: hash what is, if it is worth a call
+                if avail >= 1 << 20:
+                    self._state = self._state or xxhash.xxh3_64()
+                    self._state.update(
+                        mv[e.offset + self._hashed : e.offset + self._hashed + avail]
+                    )
+                    self._hashed += avail
+                return
+            rest = mv[e.offset + self._hashed : end]
+            if self._state is None:
+                digest = xxhash.xxh3_64_intdigest(rest)
+            else:
+                self._state.update(rest)
+                digest = self._state.intdigest()
+            self._state, self._hashed = None, 0
+            if digest != e.checksum:
+                raise ChecksumError("checksum mismatch", e.name)
+            if any(mv[end:pad_end]):
+                raise ChecksumError("non-zero alignment padding after the tensor", e.name)
+            self._next += 1
+
+    def block(self) -> Block:
+        self.advance(self.header.payload_len)
+        header = self.header
+        whole = None
+        if header.payload_len:
+            with warnings.catch_warnings():  # read-only buffers (bytes) are fine: not written
+                warnings.simplefilter("ignore", UserWarning)
+                whole = torch.frombuffer(self.mv, dtype=torch.uint8)
+        tensors = {}
+        for e in header.entries:
+            if e.length == 0:
+                tensors[e.name] = torch.empty(e.shape, dtype=e.dtype)
+            else:
+                t = whole[e.offset : e.offset + e.length]
+                tensors[e.name] = t.view(e.dtype).reshape(e.shape)
+        block = Block(tensors=tensors, **{name: getattr(header, name) for name in _SHARED})
+        for e in header.entries:  # verified above: a resend or store write reuses them
+            t = tensors[e.name]
+            block._checksums[e.name] = (t.data_ptr(), t._version, e.checksum)
+        return block
+
+
+_SHARED = [f.name for f in dataclasses.fields(Block) if f.init and f.name != "tensors"]
+
+
 def decode_payload(header: FrameHeader, payload: bytes | bytearray | memoryview) -> Block:
     """Verify every tensor's checksum and return the block; its tensors are views of `payload`."""
-    mv = memoryview(payload).cast("B")
-    if len(mv) != header.payload_len:
-        raise TruncatedFrame(
-            f"payload has {len(mv)} bytes, the header announces {header.payload_len}", "payload"
-        )
-    tensors = {}
-    for e in header.entries:
-        part = mv[e.offset : e.offset + e.length]
-        if xxhash.xxh3_64_intdigest(part) != e.checksum:
-            raise ChecksumError("checksum mismatch", e.name)
-        pad = mv[e.offset + e.length : e.offset + e.length + _pad(e.length)]
-        if any(pad):
-            raise ChecksumError("non-zero alignment padding after the tensor", e.name)
-        if e.length == 0:
-            tensors[e.name] = torch.empty(e.shape, dtype=e.dtype)
-            continue
-        with (
-            warnings.catch_warnings()
-        ):  # read-only buffers (bytes) are fine: blocks are not written
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(part, dtype=torch.uint8)
-        tensors[e.name] = t.view(e.dtype).reshape(e.shape)
-    shared = {f.name for f in dataclasses.fields(Block)} - {"tensors"}
-    return Block(tensors=tensors, **{name: getattr(header, name) for name in shared})
+    return PayloadVerifier(header, payload).block()
 
 
 def decode_frame(

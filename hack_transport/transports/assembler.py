@@ -30,7 +30,8 @@ class FrameAssembler:
         self._want = wire.PREFIX.size
         self._prefix: bytes | None = None
         self._header: wire.FrameHeader | None = None
-        self._payload: bytearray | None = None
+        self._payload: memoryview | None = None
+        self._verifier: wire.PayloadVerifier | None = None
         self._filled = 0
 
     @property
@@ -52,6 +53,7 @@ class FrameAssembler:
                 self._payload[self._filled : self._filled + take] = mv[:take]
                 self._filled += take
                 mv = mv[take:]
+                self._verifier.advance(self._filled)  # tensors complete so far, while more arrive
                 if self._filled == len(self._payload):
                     self._finish_frame()
 
@@ -68,15 +70,16 @@ class FrameAssembler:
                 f"transfer exceeds {self.limits.max_transfer_bytes} bytes", "payload"
             )
         self._header, self._small = header, bytearray()
-        self._payload, self._filled = bytearray(header.payload_len), 0
+        self._payload, self._filled = wire.alloc_payload(header.payload_len), 0
+        self._verifier = wire.PayloadVerifier(header, self._payload)
         self.held += header.payload_len
         self.on_alloc(header.payload_len)
         if header.payload_len == 0:
             self._finish_frame()
 
     def _finish_frame(self) -> None:
-        self.blocks.append(wire.decode_payload(self._header, self._payload))
+        self.blocks.append(self._verifier.block())
         if len(self.blocks) > self.limits.max_frames:
             raise wire.LimitError(f"more than {self.limits.max_frames} frames", "payload")
-        self._prefix = self._header = self._payload = None
+        self._prefix = self._header = self._payload = self._verifier = None
         self._want = wire.PREFIX.size

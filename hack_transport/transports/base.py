@@ -74,6 +74,7 @@ class TransferResult:
     frames: int
     bytes: int
     seconds: float
+    receiver_tail_s: float | None = None  # last payload byte to ack, as the receiver measured
 
 
 async def connect_with_retry(
@@ -99,6 +100,33 @@ async def connect_with_retry(
 def frame_buffers(item: FrameLike) -> list[Buffer]:
     """A block's wire buffers (encoded now) or already-encoded buffers (passed through)."""
     return wire.encode_block(item) if isinstance(item, wire.Block) else list(item)
+
+
+class LazyFrames(Sequence):
+    """A transfer's frames, each encoded when a transport first asks for it: frame i + 1 is
+    checksummed while frame i is still draining through the socket, so only the first frame's
+    encoding precedes the first byte. Slices share the encodings; `nbytes` counts the frames
+    encoded so far (all of them once the transfer is sent)."""
+
+    def __init__(self, items: Sequence[FrameLike], _cache: dict | None = None, _base: int = 0):
+        self._items, self._cache, self._base = list(items), {} if _cache is None else _cache, _base
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 (int or slice, as Sequence)
+        if isinstance(i, slice):
+            start = range(len(self._items))[i].start if len(self._items) else 0
+            return LazyFrames(self._items[i], self._cache, self._base + start)
+        i = range(len(self._items))[i]
+        key = self._base + i
+        if key not in self._cache:
+            self._cache[key] = frame_buffers(self._items[i])
+        return self._cache[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(x).nbytes for f in self._cache.values() for x in f)
 
 
 COALESCE = 1 << 20
@@ -166,7 +194,9 @@ class Channel(Protocol):
 
 
 class TokenBucket:
-    """Emulates a link of `rate` bytes/s: senders wait for tokens before each slice they send."""
+    """Emulates a link of `rate` bytes/s. A send goes out once the bucket holds no debt and then
+    pays for its bytes, so the wait for slice i overlaps the real sending of slice i - 1 (a
+    pay-first bucket would add its wait to a socket that is slower than the emulated link)."""
 
     def __init__(self, rate: float, burst: int = 256 << 10):
         if rate <= 0:
@@ -178,9 +208,9 @@ class TokenBucket:
         now = time.perf_counter()
         self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
         self._t = now
-        self._tokens -= n
-        if self._tokens < 0:
+        if self._tokens < 0:  # earlier sends are not yet paid for at this rate
             await asyncio.sleep(-self._tokens / self.rate)
+        self._tokens -= n
 
 
 class ThrottledChannel:
@@ -277,6 +307,10 @@ def token_ok(expected: str | None, given: object) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
 
 
+SLICE = 4 << 20  # a stream channel reports progress at least this often inside a large run
+VERIFY_BATCH = 2 << 20  # bytes verified at a time while a payload arrives (and at its end)
+
+
 class KVReceiver(abc.ABC):
     """Holds committed transfers; subclasses feed it verified blocks.
 
@@ -371,10 +405,10 @@ class KVReceiver(abc.ABC):
         except wire.FrameError as e:
             await send_msg(ch, {"ok": False, "error": str(e)})
             return False
-        held = 0
+        held, last_byte = 0, 0.0
 
-        async def frame() -> wire.Block:
-            nonlocal held
+        async def frame() -> wire.PayloadVerifier:
+            nonlocal held, last_byte
             pre = bytearray(wire.PREFIX.size)
             await ch.recv_into(memoryview(pre))
             _, hlen, prefix = wire.parse_prefix(pre, lim.frame)
@@ -383,23 +417,42 @@ class KVReceiver(abc.ABC):
             header = wire.parse_header(prefix, hb, lim.frame, self.expect_model)
             if held + header.payload_len > lim.max_transfer_bytes:
                 raise wire.LimitError(f"transfer exceeds {lim.max_transfer_bytes} bytes", "payload")
-            payload = bytearray(header.payload_len)  # allocated only after validation
+            payload = wire.alloc_payload(header.payload_len)  # only after validation
             held += header.payload_len
             self.pending_bytes += header.payload_len
-            await self.recv_payload(ch, header, payload, session)
-            return wire.decode_payload(header, payload)
+            verifier = wire.PayloadVerifier(header, payload)
+            queued, arrived = 0, 0.0
+
+            def filled(n: int) -> None:
+                # Verify what has arrived, in batches, while the kernel goes on buffering the
+                # bytes behind it: after the last byte only the last batch is left to hash.
+                nonlocal queued, arrived
+                if n == header.payload_len:
+                    arrived = time.perf_counter()
+                if n - queued >= VERIFY_BATCH or n == header.payload_len:
+                    verifier.advance(n)
+                    queued = n
+
+            await self.recv_payload(ch, header, payload, session, filled)
+            last_byte = arrived or time.perf_counter()
+            return verifier
 
         try:
-            blocks = []
+            verifiers = []
             for _ in range(n):
                 try:
-                    blocks.append(await asyncio.wait_for(frame(), self.idle_timeout))
+                    verifiers.append(await asyncio.wait_for(frame(), self.idle_timeout))
                 except asyncio.TimeoutError:
                     raise ConnectionError(f"no frame within {self.idle_timeout} s") from None
+            blocks = [v.block() for v in verifiers]  # every checksum passed: now visible
             self.commit(key, blocks)
             self.pending_bytes -= held
             held = 0
-            await send_msg(ch, {"ok": True, "bytes": sum(b.nbytes for b in blocks)})
+            # tail_s: from the last payload byte to this ack (what verification and commit add
+            # to the transfer's critical path); an informational field senders may ignore.
+            tail = time.perf_counter() - last_byte
+            nbytes = sum(b.nbytes for b in blocks)
+            await send_msg(ch, {"ok": True, "bytes": nbytes, "tail_s": tail})
             return True
         except wire.FrameError as e:
             self.note_failure(str(e), aborted=False)
@@ -423,12 +476,23 @@ class KVReceiver(abc.ABC):
         return None
 
     async def recv_payload(
-        self, ch: Channel, header: wire.FrameHeader, payload: bytearray, session: object
+        self,
+        ch: Channel,
+        header: wire.FrameHeader,
+        payload: memoryview,
+        session: object,
+        filled: Callable[[int], None] = lambda n: None,
     ) -> None:
-        """Fill the validated, freshly allocated payload: each run straight into its place."""
+        """Fill the validated, freshly allocated payload: each run straight into its place.
+        filled(n) is told when the first n bytes are in place (the tensors among them are
+        verified while later runs are still in flight)."""
         pv = memoryview(payload)
+        step = SLICE if getattr(ch, "stream", False) else None  # UCX: one message per run
         for off, end in payload_runs(header):
-            await ch.recv_into(pv[off:end])
+            for a in range(off, end, step or end - off):
+                b = min(a + step, end) if step else end
+                await ch.recv_into(pv[a:b])
+                filled(b)
 
 
 class KVSender(abc.ABC):
@@ -452,12 +516,12 @@ class KVSender(abc.ABC):
         return ThrottledChannel(ch, TokenBucket(self.bandwidth)) if self.bandwidth else ch
 
     @abc.abstractmethod
-    async def _send(self, key: str, frames: list[list[Buffer]]) -> dict: ...
+    async def _send(self, key: str, frames: Sequence[list[Buffer]]) -> dict: ...
 
     async def send(self, key: str, blocks: Sequence[FrameLike]) -> TransferResult:
-        """Send and wait for the receiver's acknowledgement (TransferError within `timeout`)."""
-        frames = [frame_buffers(b) for b in blocks]
-        nbytes = sum(memoryview(x).nbytes for f in frames for x in f)
+        """Send and wait for the receiver's acknowledgement (TransferError within `timeout`).
+        Blocks are encoded as they go out (LazyFrames), each block's checksums once."""
+        frames = LazyFrames(blocks)
         t0 = time.perf_counter()
         try:
             ack = await asyncio.wait_for(self._send(key, frames), self.timeout)
@@ -468,7 +532,11 @@ class KVSender(abc.ABC):
         except (ConnectionError, OSError, wire.FrameError) as e:
             raise TransferError(f"transfer {key!r} failed: {e}") from e
         check_ack(ack, key)
-        return TransferResult(key, len(frames), nbytes, time.perf_counter() - t0)
+        secs = time.perf_counter() - t0
+        tail = ack.get("tail_s")
+        return TransferResult(
+            key, len(frames), frames.nbytes, secs, tail if isinstance(tail, float) else None
+        )
 
     def send_sync(self, key: str, blocks: Sequence[FrameLike]) -> TransferResult:
         """send() on a private event loop; connections do not outlive the call."""

@@ -33,6 +33,7 @@ from .base import (
 CHUNK = 1 << 20
 MIN_CHUNK = 1 << 20
 TOKEN_HEADER = "x-hack-kv-token"
+TAIL_HEADER = "x-hack-kv-tail-s"
 
 
 def _options(max_message: int) -> list[tuple[str, int]]:
@@ -102,7 +103,7 @@ class GrpcReceiver(KVReceiver):
             self.note_failure("bad token", aborted=False)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
         self._expire()
-        asm, key, held = None, None, 0
+        asm, key, held, last_byte = None, None, 0, 0.0
 
         def alloc(n: int) -> None:
             nonlocal held
@@ -126,6 +127,7 @@ class GrpcReceiver(KVReceiver):
                         )
                     asm = FrameAssembler(self.limits, self.expect_model, alloc)
                     expected_frames = chunk.num_frames
+                last_byte = time.perf_counter()  # before this chunk's checks
                 asm.feed(chunk.data)
             if asm is None:
                 return pb.TransferAck(ok=False, error="empty stream")
@@ -157,6 +159,9 @@ class GrpcReceiver(KVReceiver):
         blocks = [b for i in sorted(p.parts) for b in p.parts[i]]
         self.commit(key, blocks)
         self.pending_bytes -= p.held
+        # Informational, like the TCP ack's tail_s: last byte of this stream to the commit.
+        tail = time.perf_counter() - last_byte
+        context.set_trailing_metadata(((TAIL_HEADER, f"{tail:.6f}"),))
         return pb.TransferAck(ok=True, committed=True, bytes=held)
 
     def _fail(self, key: str | None, why: str) -> None:
@@ -261,7 +266,18 @@ class GrpcSender(KVSender):
                     key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
                 )
                 chunks = _chunks(first, groups[i], self.chunk_bytes)
-                return await stub.Transfer(paced(chunks) if bucket else chunks, metadata=meta)
+                call = stub.Transfer(paced(chunks) if bucket else chunks, metadata=meta)
+                ack = await call
+                if ack.committed:
+                    for k, v in await call.trailing_metadata() or ():
+                        if k == TAIL_HEADER:
+                            try:
+                                tails.append(float(v))
+                            except ValueError:  # informational only
+                                pass
+                return ack
+
+            tails: list[float] = []
 
             try:
                 acks = await asyncio.gather(*(one(i) for i in range(n)))
@@ -281,4 +297,4 @@ class GrpcSender(KVSender):
             return {"ok": False, "error": first.error, "tensor": first.tensor or None}
         if sum(a.committed for a in acks) != 1:
             return {"ok": False, "error": "receiver did not commit the transfer"}
-        return {"ok": True}
+        return {"ok": True, **({"tail_s": tails[0]} if tails else {})}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -96,7 +97,12 @@ class NixlReceiver(TcpReceiver):
             self.agent.remove_remote_agent(session)
 
     async def recv_payload(
-        self, ch: Channel, header: wire.FrameHeader, payload: bytearray, session: object
+        self,
+        ch: Channel,
+        header: wire.FrameHeader,
+        payload: memoryview,
+        session: object,
+        filled: Callable[[int], None] = lambda n: None,
     ) -> None:
         msg = await recv_msg(ch, self.limits.max_control_bytes)
         remote = msg.get("runs")

@@ -10,12 +10,16 @@ from collections.abc import Sequence
 from .base import Buffer, KVReceiver, KVSender, connect_with_retry, send_session
 
 SOCK_BUF = 4 << 20
+LOWAT = 1 << 20
 
 
 class SocketChannel:
+    stream = True  # a byte stream: a run may be received in several pieces
+
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.loop = asyncio.get_running_loop()
+        self._lowat = 1
 
     async def send(self, buffers: Sequence[memoryview]) -> None:
         for b in buffers:
@@ -24,6 +28,12 @@ class SocketChannel:
     async def recv_into(self, mv: memoryview) -> None:
         got, n = 0, len(mv)
         while got < n:
+            # Wake up only once a good share of what is missing has arrived: each wake-up of the
+            # event loop costs more CPU than copying the bytes it brings.
+            want = max(1, min(n - got, LOWAT))
+            if want != self._lowat:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                self._lowat = want
             k = await self.loop.sock_recv_into(self.sock, mv[got:])
             if k == 0:
                 raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
