@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -53,13 +54,22 @@ class Row:
     seconds: float
     payload_gbps: float  # GB/s of bytes on the wire
     equiv_gbps: float  # GB/s of 16-bit KV delivered
-    encode_s: float
-    decode_s: float
+    encode_s: float  # CPU: split into blocks + checksums + headers, every frame
+    decode_s: float  # CPU: header checks + checksums, every frame
     vs_raw_socket: float | None = None
     paired_with: str | None = None
+    # The part of encode/decode on the transfer's critical path: the sender encodes frame i + 1
+    # while frame i drains and the receiver verifies while later bytes arrive, so what is left
+    # is encoding the first frame (split + encode, CPU) and the receiver's tail (last payload
+    # byte to ack, as the receiver measured it; median over repeats).
+    sender_head_s: float | None = None
+    receiver_tail_s: float | None = None
+    exposed_s: float | None = None
+    load_1min: float | None = None  # the box's load average when the pair was measured
 
 
-def _row(name, tokens, pl, who, bw, secs, raw_s, paired) -> Row:
+def _row(name, tokens, pl, who, bw, secs, raw_s, paired, tail=None) -> Row:
+    head = pl.head_s if who != RAW else None
     return Row(
         workload=name,
         tokens=tokens,
@@ -76,7 +86,16 @@ def _row(name, tokens, pl, who, bw, secs, raw_s, paired) -> Row:
         decode_s=pl.decode_s,
         vs_raw_socket=raw_s / secs,
         paired_with=paired,
+        sender_head_s=head,
+        receiver_tail_s=tail,
+        exposed_s=head + tail if head is not None and tail is not None else None,
+        load_1min=_load()[0],
     )
+
+
+def _load() -> list[float]:
+    """1, 5 and 15-minute load averages (other jobs share this box)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def parse_bandwidth(text: str) -> float | None:
@@ -133,6 +152,7 @@ class Payload:
     bytes_16bit: int
     encode_s: float
     decode_s: float
+    head_s: float  # CPU to the first frame's buffers: split + encode of frame 0
 
 
 def _cpu_time(fn: Callable[[], object], repeat: int) -> tuple[object, float]:
@@ -146,6 +166,14 @@ def _cpu_time(fn: Callable[[], object], repeat: int) -> tuple[object, float]:
 
 def _encode(split: Callable[[], list[wire.Block]]) -> list[list[wire.Buffer]]:
     return [wire.encode_block(b) for b in split()]
+
+
+def _first(split_fn: Callable, *args: object) -> wire.Block:
+    return split_fn(*args)[0]
+
+
+def _encode_one(first: Callable[[], wire.Block]) -> list[wire.Buffer]:
+    return wire.encode_block(first())
 
 
 def _decode(stored: list[bytes], model: wire.ModelIdentity) -> list[wire.Block]:
@@ -186,8 +214,12 @@ def build_payloads(
         if cfg is None:
             if layerwise:
                 split = functools.partial(_per_layer_raw, ks, vs, block_tokens, model)
+                first = functools.partial(
+                    _first, _per_layer_raw, ks[:1], vs[:1], block_tokens, model
+                )
             else:
                 split = functools.partial(wire.split_raw, ks, vs, block_tokens, model)
+                first = functools.partial(_first, split)
         else:
             # Quantization is the prefill's job, not the wire's: done once, outside the timing.
             uniq: dict[int, object] = {}
@@ -197,15 +229,19 @@ def build_payloads(
             kvs = [uniq[id(k)] for k in ks]
             if layerwise:
                 split = functools.partial(_per_layer, wire.split_kv, kvs, model, block_tokens)
+                # A layer-wise sender builds layer 0's block as soon as that layer is done.
+                first = functools.partial(_first, wire.split_kv, kvs[:1], block_tokens, model)
             else:
                 split = functools.partial(wire.split_kv, kvs, block_tokens, model)
+                first = functools.partial(_first, split)
         frames, enc_s = _cpu_time(functools.partial(_encode, split), repeat)
+        _, head_s = _cpu_time(functools.partial(_encode_one, first), repeat)
         stored = [b"".join(f) for f in frames]
         _, dec_s = _cpu_time(functools.partial(_decode, stored, model), repeat)
         del stored
         wire_bytes = sum(memoryview(x).nbytes for f in frames for x in f)
         codec = "raw16" if p is None else f"hack-p{p}"
-        out.append(Payload(codec, frames, wire_bytes, n16, enc_s, dec_s))
+        out.append(Payload(codec, frames, wire_bytes, n16, enc_s, dec_s, head_s))
     return out
 
 
@@ -214,6 +250,9 @@ def build_payloads(
 
 
 def _raw_serve() -> None:
+    """The baseline receiver: the same bytes into the same kind of memory as the transports'
+    receivers (a fresh wire.alloc_payload buffer per frame, all kept until the end), with no
+    parsing and no checksums."""
     lsock = socket.create_server(("127.0.0.1", 0))
     print(f"PORT {lsock.getsockname()[1]}", flush=True)
     while True:
@@ -221,15 +260,24 @@ def _raw_serve() -> None:
         tune(conn)
         conn.setblocking(True)
         with conn:
-            head = bytearray(8)
-            if _recv_exact(conn, memoryview(head)):
-                buf = bytearray(int.from_bytes(head, "little"))
-                if _recv_exact(conn, memoryview(buf)):
-                    conn.sendall(b"\1")
+            head = bytearray(4)
+            if not _recv_exact(conn, memoryview(head)):
+                continue
+            sizes = bytearray(8 * int.from_bytes(head, "little"))
+            if not _recv_exact(conn, memoryview(sizes)):
+                continue
+            kept = []
+            for (n,) in struct.iter_unpack("<Q", sizes):
+                kept.append(wire.alloc_payload(n))
+                if not _recv_exact(conn, kept[-1]):
+                    break
+            else:
+                conn.sendall(b"\1")
+            del kept
 
 
 def _recv_exact(conn: socket.socket, mv: memoryview) -> bool:
-    got = 0
+    mv, got = memoryview(mv).cast("B"), 0
     while got < len(mv):
         k = conn.recv_into(mv[got:])
         if k == 0:
@@ -252,15 +300,16 @@ def _serve(kind: str) -> None:
 
 
 def raw_socket_send(port: int, frames: list[list[wire.Buffer]], bandwidth: float | None) -> float:
-    """Blocking sendall of the same buffers, after an 8-byte length; returns seconds to the ack."""
+    """Blocking sendall of the same buffers, after the frame count and sizes; returns seconds to
+    the ack."""
     bufs = [memoryview(x).cast("B") for f in frames for x in f]
-    total = sum(len(b) for b in bufs)
+    sizes = [sum(memoryview(x).nbytes for x in f) for f in frames]
     bucket_rate, burst = (bandwidth / 8, 256 << 10) if bandwidth else (None, 0)
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
         tune(s)
         s.setblocking(True)
-        s.sendall(total.to_bytes(8, "little"))
+        s.sendall(struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes))
         sent = 0
         for b in bufs:
             for i in range(0, len(b), burst or len(b) or 1):
@@ -307,14 +356,21 @@ _SENDERS: dict[tuple, object] = {}
 
 def send_once(kind: str, port: int, frames: list, bandwidth: float | None) -> float:
     """Seconds from the first byte to the receiver's acknowledgement of the whole transfer."""
+    return send_timed(kind, port, frames, bandwidth)[0]
+
+
+def send_timed(
+    kind: str, port: int, frames: list, bandwidth: float | None
+) -> tuple[float, float | None]:
+    """(seconds to the acknowledgement, the receiver's tail: last payload byte to ack)."""
     if kind == RAW:
-        return raw_socket_send(port, frames, bandwidth)
+        return raw_socket_send(port, frames, bandwidth), None
     key = (kind, port, bandwidth)
     if key not in _SENDERS:
         bw = bandwidth / 8 if bandwidth else None
         _SENDERS[key] = make_sender(kind, "127.0.0.1", port, bandwidth=bw, timeout=600)
     res = _LOOP.run_until_complete(_SENDERS[key].send(f"bench-{time.monotonic_ns()}", frames))
-    return res.seconds
+    return res.seconds, res.receiver_tail_s
 
 
 def close_senders() -> None:
@@ -336,6 +392,7 @@ def run_benchmark(
     """Every workload x codec x transport (raw socket included) x bandwidth, `repeat` times."""
     from tqdm import tqdm
 
+    load0 = _load()
     kinds = [t for t in transports if t != RAW]
     if "nixl" in kinds:  # NIXL's UCX must load before ucxx's in this (sender) process
         from .transports.nixl_transport import load_ucx_first
@@ -373,12 +430,17 @@ def run_benchmark(
                     bar.set_postfix_str(f"{pl.codec} {kind} {bw / 1e9 if bw else 'max'}")
                     # The raw socket runs back to back with the transport, on the same bytes.
                     times = {RAW: [], kind: []}
+                    tails = []
                     for _ in range(repeat):
                         times[RAW].append(send_once(RAW, raw_srv.port, pl.frames, bw))
-                        times[kind].append(send_once(kind, srv.port, pl.frames, bw))
+                        secs, tail = send_timed(kind, srv.port, pl.frames, bw)
+                        times[kind].append(secs)
+                        if tail is not None:
+                            tails.append(tail)
                     raw_s, secs = statistics.median(times[RAW]), statistics.median(times[kind])
-                    for who, t in ((RAW, raw_s), (kind, secs)):
-                        rows.append(_row(name, tokens, pl, who, bw, t, raw_s, paired=kind))
+                    tail = statistics.median(tails) if tails else None
+                    rows.append(_row(name, tokens, pl, RAW, bw, raw_s, raw_s, paired=kind))
+                    rows.append(_row(name, tokens, pl, kind, bw, secs, raw_s, kind, tail))
             finally:
                 close_senders()
                 if srv is not None:
@@ -387,6 +449,7 @@ def run_benchmark(
     finally:
         raw_srv.close()
     meta = {**_meta(), "block_tokens": block_tokens or "whole prompt", "layerwise": layerwise}
+    meta["load_average"] = {"start": load0, "end": _load()}
     return {"meta": meta, "rows": [asdict(r) for r in rows], "summary": summarize(rows)}
 
 
@@ -405,20 +468,39 @@ def summarize(rows: list[Row]) -> dict:
         if r.transport != RAW and r.bandwidth_gbit is None:
             key = f"{r.transport} {r.workload}@{r.tokens} {r.codec}"
             out["vs_raw_socket"][key] = round(r.vs_raw_socket, 3)
-        if r.codec == "hack-p64" and r.bandwidth_gbit == 40 and r.transport != RAW:
-            key = f"{r.transport} {r.workload}@{r.tokens}"
-            out["encode_decode_fraction_40gbit"][key] = {
-                "measured_transfer": round((r.encode_s + r.decode_s) / r.seconds, 4),
-                "ideal_40gbit_link": round(
-                    (r.encode_s + r.decode_s) / (r.wire_bytes * 8 / 40e9), 4
-                ),
-            }
+        if r.codec in ("hack-p64", "raw16") and r.bandwidth_gbit == 40 and r.transport != RAW:
+            key = f"{r.transport} {r.workload}@{r.tokens} {r.codec}"
+            out["encode_decode_fraction_40gbit"][key] = _overhead(r)
     by_transport: dict[str, list[float]] = {}
     for key, v in out["vs_raw_socket"].items():
         by_transport.setdefault(key.split()[0], []).append(v)
     out["vs_raw_socket_median"] = {
         k: round(statistics.median(v), 3) for k, v in by_transport.items()
     }
+    return out
+
+
+def _overhead(r: Row) -> dict:
+    """Encode + decode against the transfer time at 40 Gbit/s: the total CPU they cost, and the
+    exposed part (sender head + receiver tail) that the transfer actually waits for."""
+    ideal = r.wire_bytes * 8 / 40e9  # what an ideal 40 Gbit/s link needs for these bytes
+    total = r.encode_s + r.decode_s
+    out = {
+        "ideal_40gbit_s": round(ideal, 6),
+        "measured_transfer_s": round(r.seconds, 6),
+        "total_cpu_s": round(total, 6),
+        "total_cpu_vs_ideal": round(total / ideal, 4),
+        "total_cpu_vs_measured": round(total / r.seconds, 4),
+    }
+    if r.exposed_s is not None:
+        out |= {
+            "exposed_s": round(r.exposed_s, 6),
+            "exposed_vs_ideal": round(r.exposed_s / ideal, 4),
+            "exposed_vs_measured": round(r.exposed_s / r.seconds, 4),
+        }
+    out["under_10pct_of_ideal"] = [
+        k for k in ("total_cpu", "exposed") if k + "_vs_ideal" in out and out[k + "_vs_ideal"] < 0.1
+    ]
     return out
 
 
@@ -530,8 +612,9 @@ def markdown(result: dict) -> str:
         f"{', one frame per layer' if m.get('layerwise') else ', all layers in each frame'}.",
         "",
         "| workload | codec | transport | link | bytes % of 16-bit | s/request | GB/s | "
-        "16-bit-eq GB/s | vs raw socket | encode s | decode s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "16-bit-eq GB/s | vs raw socket | encode s (CPU) | decode s (CPU) | exposed s "
+        "(head + tail) | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         link = f"{r['bandwidth_gbit']:g} Gbit/s" if r["bandwidth_gbit"] else "unlimited"
@@ -542,10 +625,26 @@ def markdown(result: dict) -> str:
             f"| {r['workload']}@{r['tokens']} | {r['codec']} | {who} | {link} | "
             f"{100 * r['bytes_ratio']:.2f} | {r['seconds']:.4f} | {r['payload_gbps']:.3f} | "
             f"{r['equiv_gbps']:.3f} | {r['vs_raw_socket']:.2f} | {r['encode_s']:.4f} | "
-            f"{r['decode_s']:.4f} |"
+            f"{r['decode_s']:.4f} | {_exposed(r)} | {r.get('load_1min', '')} |"
         )
-    lines += ["", "Summary:", "", "```", json.dumps(result["summary"], indent=1), "```", ""]
+    lines += [
+        "",
+        f"Load average (1, 5, 15 min) at the start and end: {m.get('load_average')}.",
+        "",
+        "Summary:",
+        "",
+        "```",
+        json.dumps(result["summary"], indent=1),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _exposed(r: dict) -> str:
+    if r.get("exposed_s") is None:
+        return "-" if r.get("sender_head_s") is None else f"{r['sender_head_s']:.4f} + ?"
+    return f"{r['exposed_s']:.4f} ({r['sender_head_s']:.4f} + {r['receiver_tail_s']:.4f})"
 
 
 def write_results(result: dict, out_dir: Path, stem: str = "transfer") -> tuple[Path, Path]:

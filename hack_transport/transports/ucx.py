@@ -13,6 +13,11 @@ from .base import Buffer, KVReceiver, KVSender, connect_with_retry, send_session
 os.environ.setdefault("UCX_TLS", "tcp,sm,self")
 os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+# UCX's tcp transport moves data in segments of 8 KiB by default: each costs a progress round,
+# and that, not the socket, bounded a 2-core loopback (512 KiB: 1.3-1.7x the rate, see
+# benchmarks/results/transfer_notes.md). Both ends set it; the environment still wins.
+os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", "512k")
+os.environ.setdefault("UCX_TCP_RX_SEG_SIZE", "512k")
 import ucxx  # noqa: E402  (configured by the environment above)
 
 

@@ -33,5 +33,11 @@ def test_bench_transfer_cli(tmp_path):
         else:
             assert 1 <= r["bytes_ratio"] <= 1.001
         assert r["seconds"] > 0 and r["vs_raw_socket"] > 0
+        assert r["encode_s"] > 0 and r["decode_s"] > 0
+        if r["transport"] == "tcp":  # exposed = head (first frame's encode) + receiver tail
+            assert 0 < r["sender_head_s"] and 0 <= r["receiver_tail_s"]
+            assert r["exposed_s"] == pytest.approx(r["sender_head_s"] + r["receiver_tail_s"])
+        else:
+            assert r["exposed_s"] is None
     assert out["meta"]["commit"] is not None
     assert "tcp" in out["summary"]["vs_raw_socket_median"]
