@@ -407,7 +407,7 @@ class KVReceiver(abc.ABC):
             return False
         held, last_byte = 0, 0.0
 
-        async def frame() -> wire.PayloadVerifier:
+        async def frame() -> wire.Block:
             nonlocal held, last_byte
             pre = bytearray(wire.PREFIX.size)
             await ch.recv_into(memoryview(pre))
@@ -435,17 +435,16 @@ class KVReceiver(abc.ABC):
 
             await self.recv_payload(ch, header, payload, session, filled)
             last_byte = arrived or time.perf_counter()
-            return verifier
+            return verifier.block()  # verified; private to this transfer until the commit
 
         try:
-            verifiers = []
+            blocks = []
             for _ in range(n):
                 try:
-                    verifiers.append(await asyncio.wait_for(frame(), self.idle_timeout))
+                    blocks.append(await asyncio.wait_for(frame(), self.idle_timeout))
                 except asyncio.TimeoutError:
                     raise ConnectionError(f"no frame within {self.idle_timeout} s") from None
-            blocks = [v.block() for v in verifiers]  # every checksum passed: now visible
-            self.commit(key, blocks)
+            self.commit(key, blocks)  # every checksum of every frame passed: now visible
             self.pending_bytes -= held
             held = 0
             # tail_s: from the last payload byte to this ack (what verification and commit add
