@@ -40,6 +40,85 @@ def _planar_tile(row_ptrs, N: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int8 codes of plane J of planar-packed bytes: the elements J * NB .. J * NB + NB - 1."""
+    if ASM:  # four codes per 32-bit shift-and-mask (the interpreter cannot run PTX)
+        if BITS == 4:
+            if J == 0:
+                x = tl.inline_asm_elementwise(
+                    "and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [packed], tl.int8, True, 4
+                )
+            else:
+                x = tl.inline_asm_elementwise(
+                    "shr.b32 $0, $1, 4; and.b32 $0, $0, 0x0F0F0F0F;", "=r,r", [packed], tl.int8,
+                    True, 4,
+                )  # fmt: skip
+        elif J == 0:
+            x = tl.inline_asm_elementwise(
+                "and.b32 $0, $1, 0x03030303;", "=r,r", [packed], tl.int8, True, 4
+            )
+        elif J == 1:
+            x = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 2; and.b32 $0, $0, 0x03030303;", "=r,r", [packed], tl.int8,
+                True, 4,
+            )  # fmt: skip
+        elif J == 2:
+            x = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 4; and.b32 $0, $0, 0x03030303;", "=r,r", [packed], tl.int8,
+                True, 4,
+            )  # fmt: skip
+        else:
+            x = tl.inline_asm_elementwise(
+                "shr.b32 $0, $1, 6; and.b32 $0, $0, 0x03030303;", "=r,r", [packed], tl.int8,
+                True, 4,
+            )  # fmt: skip
+        return x
+    else:
+        return ((packed >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.int8)
+
+
+@triton.jit
+def _plane_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """int8 codes [R, N] of R planar-packed rows, each byte loaded once; columns come out in
+    _column_order (planes interleaved by joins, which stay in registers)."""
+    PER: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = N // PER
+    packed = tl.load(row_ptrs[:, None] + tl.arange(0, NB)[None, :])  # [R, NB]
+    if PER == 2:
+        x = tl.join(_plane(packed, 0, BITS, ASM), _plane(packed, 1, BITS, ASM))
+    else:
+        a = tl.join(_plane(packed, 0, BITS, ASM), _plane(packed, 2, BITS, ASM))
+        b = tl.join(_plane(packed, 1, BITS, ASM), _plane(packed, 3, BITS, ASM))
+        x = tl.join(tl.reshape(a, (R, 2 * NB)), tl.reshape(b, (R, 2 * NB)))
+    return tl.reshape(x, (R, N))
+
+
+@triton.jit
+def _column_order(N: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
+    """Element held by each column of a code tile: identity for _planar_tile, for _plane_tile
+    column 4i + 2k + l holds element i + NB (2k + l) (2 bits) and 2i + l holds i + NB l (4 bits)."""
+    col = tl.arange(0, N)
+    PER: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = N // PER
+    if UNPACK == 0:
+        return col
+    elif PER == 2:
+        return col // 2 + NB * (col % 2)
+    else:
+        return col // 4 + NB * (2 * ((col // 2) % 2) + col % 2)
+
+
+@triton.jit
+def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
+               UNPACK: tl.constexpr):  # fmt: skip
+    """UNPACK 0: _planar_tile; 1: _plane_tile with shifts; 2: _plane_tile with packed PTX."""
+    if UNPACK == 0:
+        return _planar_tile(row_ptrs, N, BITS)
+    else:
+        return _plane_tile(row_ptrs, R, N, BITS, UNPACK == 2)
+
+
+@triton.jit
 def _codes_no_zero_point(x, TOP: tl.constexpr, SIGNED: tl.constexpr):
     """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, code rounded to
     nearest in [-TOP, TOP] (SIGNED) or [0, TOP]. Same operations as reference.zero_point_free."""
@@ -69,6 +148,7 @@ def kivi_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // NHG
@@ -89,9 +169,10 @@ def kivi_attn_kernel(
         ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale, D, PART, ROWS, BLOCK16, CAUSAL, INTERP,
     )  # fmt: skip
 
-    tok = tl.arange(0, PART)
+    tok = _column_order(PART, BITS, UNPACK)  # token of each score column
     dch = tl.arange(0, D)
-    q = tl.load(q_ptr + qoff[:, None] + dch[None, :], mask=row_ok[:, None], other=0.0)
+    dk = _column_order(D, BITS, UNPACK)  # channel of each K-operand column
+    q = tl.load(q_ptr + qoff[:, None] + dk[None, :], mask=row_ok[:, None], other=0.0)
 
     pps = tl.cdiv(n_pages, NSPLIT)
     p_lo = split * pps
@@ -105,8 +186,8 @@ def kivi_attn_kernel(
 
         # scores = s_q (c_q . k_codes) + Q . m_k, Q' = Q * s_k rounded per row
         k_rows = kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h + tok * skc_t
-        k_codes = _planar_tile(k_rows, D, BITS)  # [PART, D]
-        kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dch
+        k_codes = _code_tile(k_rows, PART, D, BITS, UNPACK)  # [PART, D]
+        kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dk
         s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
         m_k = tl.load(km_ptr + kmeta).to(tl.float32)
         qf = q.to(tl.float32)
@@ -126,7 +207,7 @@ def kivi_attn_kernel(
 
         # out = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], row copy e
         v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
-        v_codes = _planar_tile(v_rows, PART, BITS)  # [D, PART]
+        v_codes = _code_tile(v_rows, D, PART, BITS, UNPACK)  # [D, PART]
         colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
         vmeta = (bk * svm_b + pg * svm_p + kvh * svm_h + e_r)[:, None] + tok[None, :] * svm_t
         s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, PART]: group e_r of each token

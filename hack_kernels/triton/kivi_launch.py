@@ -71,6 +71,9 @@ def run_kivi_attention(
         q, out, kv_heads, kind, d, partition, causal, decode, num_splits, copies=consts["E"]
     )
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
+    # packed PTX unpacking on the GPU; the interpreter runs the shift form of the same tiles
+    unpack = int(params.get("UNPACK", 2))
+    launch["UNPACK"] = 1 if consts["INTERP"] and unpack == 2 else unpack
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,

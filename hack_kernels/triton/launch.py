@@ -51,6 +51,7 @@ DEFAULTS = {
 # tests flip these to cover every decode kernel under the interpreter
 SLOTS_INTERP = 4
 TRANSPOSED_INTERP = False
+KIVI_UNPACK_INTERP = 1  # 0: broadcast-load tiles, 1: plane tiles (2, packed PTX, is GPU-only)
 
 
 def _nonempty(t):
@@ -72,8 +73,8 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "TRANSPOSED": TRANSPOSED_INTERP,
             },  # fmt: skip
             "quantize": {"BLOCK_R": 64},
-            "decode_kivi": {"waves": 1, "min_pages": 1},
-            "prefill_kivi": {"BLOCK_P": 16},
+            "decode_kivi": {"waves": 1, "min_pages": 1, "UNPACK": KIVI_UNPACK_INTERP},
+            "prefill_kivi": {"BLOCK_P": 16, "UNPACK": KIVI_UNPACK_INTERP},
         }
         return {"num_warps": 4, "num_stages": 1, **small[kind]}
     return {**DEFAULTS[kind], **TUNED.get((kind, head_dim, partition), {})}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hack_kernels import HackConfig, layout, quantize_kv, reference_attention
+from hack_kernels.triton import launch
 from hack_kernels.triton.decode import decode_attention
 from hack_kernels.triton.paged_cache import PagedHackCache, _batch_item
 from hack_kernels.triton.prefill import attend_quantized, prefill_attention
@@ -66,7 +67,8 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES)
-def test_kivi_prefill_matches_reference(case):
+def test_kivi_prefill_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(launch, "KIVI_UNPACK_INTERP", PREFILL_CASES.index(case) % 2)  # both
     d, p, t, m, sinks, hq, hk, dtype, causal, bits = case
     gen = torch.Generator().manual_seed(d + p + t + m)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")
@@ -121,8 +123,11 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("unpack", [0, 1])
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_kivi_decode_matches_reference(case):
+def test_kivi_decode_matches_reference(case, unpack, monkeypatch):
+    # unpack 0: broadcast-load code tiles; 1: plane tiles in permuted column order
+    monkeypatch.setattr(launch, "KIVI_UNPACK_INTERP", unpack)
     d, p, sinks, lens, hq, hk, dtype, bits = case
     gen = torch.Generator().manual_seed(d * 7 + p + bits)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")

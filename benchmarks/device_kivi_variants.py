@@ -1,0 +1,97 @@
+"""Kivi decode kernel variants on the GPU: code-tile unpacking x warps, checked and timed.
+
+    python benchmarks/device_kivi_variants.py --out variants.json
+Each variant is first checked against reference_attention (ragged batch, small), then timed on
+Llama-8B decode (32 q / 8 kv heads, d128) at batch 16 and batch 1, 32K context, next to SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hack_kernels import HackConfig, quantize_kv, reference_attention  # noqa: E402
+from hack_kernels.triton import launch  # noqa: E402
+from hack_kernels.triton.decode import decode_attention  # noqa: E402
+from hack_kernels.triton.paged_cache import PagedHackCache  # noqa: E402
+from hack_kernels.triton.quantize import quantize_kv_triton  # noqa: E402
+
+SDPA = torch.nn.functional.scaled_dot_product_attention
+CFG = HackConfig(layout="kivi")
+
+
+def rel_err(cfg: HackConfig) -> float:
+    lens = [3000, 65, 700]
+    cache = PagedHackCache(cfg, 100, 3, 8, 128, 64, device="cuda")
+    qkvs = []
+    for i, t in enumerate(lens):
+        k = (torch.randn(1, 8, t, 128, device="cuda") * 2).half()
+        v = torch.randn(1, 8, t, 128, device="cuda").half()
+        qkvs.append(quantize_kv(k, v, cfg))
+        cache.load(i, qkvs[-1])
+    q = torch.randn(3, 32, 1, 128, device="cuda").half()
+    out = torch.full(q.shape, float("nan"), device="cuda")
+    decode_attention(q, cache, out=out)
+    errs = []
+    for i in range(3):
+        ref = reference_attention(q[i : i + 1], qkvs[i]).double()
+        errs.append(float((out[i : i + 1].double() - ref).norm() / ref.norm()))
+    return max(errs)
+
+
+def case(batch: int, ctx: int):
+    k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.float16)
+    qkv = quantize_kv_triton(k, v, CFG, validate=False)
+    pages = ctx // CFG.partition
+    cache = PagedHackCache(CFG, batch * pages, batch, 8, 128, pages, device="cuda")
+    for i in range(batch):
+        cache.load(i, qkv, batch_index=i)
+    sdpa = 1e3 * do_bench_cudagraph(lambda: SDPA(q, k, v, enable_gqa=True), rep=100)
+    return q, cache, pages, sdpa
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    shapes = {(16, 32768): case(16, 32768), (1, 32768): case(1, 32768)}
+    rows = []
+    key = ("decode_kivi", 128, 64)
+    for unpack in (2, 1, 0):
+        for warps in (2, 4):
+            conf = {"num_warps": warps, "num_stages": 1, "waves": 32, "min_pages": 2,
+                    "UNPACK": unpack}  # fmt: skip
+            launch.TUNED[key] = conf
+            row = {**conf}
+            try:
+                row["rel_err"] = rel_err(CFG)
+                for (b, c), (q, cache, pages, sdpa) in shapes.items():
+                    us = 1e3 * do_bench_cudagraph(
+                        lambda q=q, cache=cache, pages=pages: decode_attention(
+                            q, cache, max_pages=pages
+                        ),
+                        rep=100,
+                    )
+                    row[f"b{b}_{c}_us"] = us
+                    row[f"b{b}_{c}_x_sdpa"] = sdpa / us
+                ck = launch.LAST_COMPILED.get(key)
+                row["n_regs"] = getattr(ck, "n_regs", None)
+                row["n_spills"] = getattr(ck, "n_spills", None)
+            except Exception as e:  # noqa: BLE001 - record the failing variant, go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
