@@ -59,6 +59,31 @@ def case(batch: int, ctx: int):
     return q, cache, pages, sdpa
 
 
+def _sass(compiled) -> str | None:
+    try:
+        return compiled.asm["sass"]
+    except Exception:  # noqa: BLE001 - no disassembler on this machine
+        return None
+
+
+def _histogram(sass: str) -> dict[str, int]:
+    """SASS opcode counts (whole kernel; the page loop dominates the dynamic count)."""
+    counts: dict[str, int] = {}
+    for line in sass.splitlines():
+        line = line.strip()
+        if not line.startswith("/*") or "*/" not in line:
+            continue
+        body = line.split("*/", 1)[1].strip()
+        if not body or body.startswith("/*"):
+            continue
+        op = body.split()[0]
+        if op.startswith("@"):
+            op = body.split()[1]
+        op = op.rstrip(";").split(".")[0]
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:25])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -66,10 +91,11 @@ def main() -> None:
     shapes = {(16, 32768): case(16, 32768), (1, 32768): case(1, 32768)}
     rows = []
     key = ("decode_kivi", 128, 64)
-    for unpack in (2, 1, 0):
-        for warps in (2, 4):
-            conf = {"num_warps": warps, "num_stages": 1, "waves": 32, "min_pages": 2,
-                    "UNPACK": unpack}  # fmt: skip
+    variants = [(2, 2, 32), (2, 1, 32), (2, 2, 16), (2, 2, 64), (1, 2, 32), (2, 0, 32)]
+    for warps, unpack, waves in variants:
+        conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": 2,
+                "UNPACK": unpack}  # fmt: skip
+        if True:
             launch.TUNED[key] = conf
             row = {**conf}
             try:
@@ -86,6 +112,11 @@ def main() -> None:
                 ck = launch.LAST_COMPILED.get(key)
                 row["n_regs"] = getattr(ck, "n_regs", None)
                 row["n_spills"] = getattr(ck, "n_spills", None)
+                sass = _sass(ck)
+                if sass:
+                    name = f"sass_w{warps}_u{unpack}.txt"
+                    (Path(args.out).parent / name).write_text(sass)
+                    row["sass_opcodes"] = _histogram(sass)
             except Exception as e:  # noqa: BLE001 - record the failing variant, go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
