@@ -91,10 +91,12 @@ def main() -> None:
     shapes = {(16, 32768): case(16, 32768), (1, 32768): case(1, 32768)}
     rows = []
     key = ("decode_kivi", 128, 64)
-    variants = [(2, 2, 32), (2, 1, 32), (2, 2, 16), (2, 2, 64), (1, 2, 32), (2, 0, 32)]
-    for warps, unpack, waves in variants:
+    # (warps, unpack, waves, slots)
+    variants = [(2, 2, 32, 1), (2, 2, 32, 2), (4, 2, 32, 2), (2, 2, 16, 2), (2, 2, 64, 2),
+                (2, 1, 32, 2)]  # fmt: skip
+    for warps, unpack, waves, slots in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": 2,
-                "UNPACK": unpack}  # fmt: skip
+                "UNPACK": unpack, "SLOTS": slots}  # fmt: skip
         if True:
             launch.TUNED[key] = conf
             row = {**conf}
@@ -114,7 +116,7 @@ def main() -> None:
                 row["n_spills"] = getattr(ck, "n_spills", None)
                 sass = _sass(ck)
                 if sass:
-                    name = f"sass_w{warps}_u{unpack}.txt"
+                    name = f"sass_w{warps}_u{unpack}_s{slots}.txt"
                     (Path(args.out).parent / name).write_text(sass)
                     row["sass_opcodes"] = _histogram(sass)
             except Exception as e:  # noqa: BLE001 - record the failing variant, go on

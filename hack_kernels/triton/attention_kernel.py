@@ -149,14 +149,14 @@ def _seq_start(
 
 @triton.jit
 def _seq_finish(
-    q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, NSPLIT, T, n_sink, n_pages,
+    q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, part, NSPLIT, T, n_sink, n_pages,
     ko_ptr, vo_ptr, sko_b, sko_h, sko_t, o_ptr, so_b, so_h, so_m, so_s,
     ml_ptr, sml_b, sml_h, sml_s, m_i, l_i, acc, out_mask, first_copy, qk_scale,
     D: tl.constexpr, PART: tl.constexpr, BLOCK16: tl.constexpr, CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """The 16-bit open page (last split), then the rows' output: a split partial (acc, m, l)
-    or the normalized output. out_mask [ROWS, D] picks the elements a row writes; first_copy
+    """The 16-bit open page (last split, rows row_ok), then the rows' output: partial `part`
+    (acc, m, l) or the normalized output. out_mask [ROWS, D] picks the elements a row writes; first_copy
     [ROWS] the rows that write m and l."""
     if split == NSPLIT - 1:
         n_open = T - n_sink - n_pages * PART
@@ -168,9 +168,9 @@ def _seq_finish(
     dch = tl.arange(0, D)
     ooff = b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + pos.to(tl.int64) * so_m
     if SPLIT:
-        ooff += split * so_s
+        ooff += part * so_s
         tl.store(o_ptr + ooff[:, None] + dch[None, :], acc, mask=out_mask)
-        mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + split * sml_s
+        mloff = b.to(tl.int64) * sml_b + head.to(tl.int64) * sml_h + part * sml_s
         tl.store(ml_ptr + mloff, m_i, mask=first_copy)
         tl.store(ml_ptr + mloff + 1, l_i, mask=first_copy)
     else:
@@ -359,7 +359,7 @@ def hack_attn_kernel(
         m_i = m_new
 
     _seq_finish(
-        q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, NSPLIT, T, n_sink, n_pages,
+        q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, split, NSPLIT, T, n_sink, n_pages,
         ko_ptr, vo_ptr, sko_b, sko_h, sko_t, o_ptr, so_b, so_h, so_m, so_s,
         ml_ptr, sml_b, sml_h, sml_s, m_i, l_i, acc, row_ok[:, None] & (dch >= 0)[None, :], row_ok,
         qk_scale, D, PART, BLOCK16, CAUSAL, SPLIT, INTERP,

@@ -97,7 +97,12 @@ def _plane_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, 
 def _column_order(N: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
     """Element held by each column of a code tile: identity for _planar_tile, for _plane_tile
     column 4i + 2k + l holds element i + NB (2k + l) (2 bits) and 2i + l holds i + NB l (4 bits)."""
-    col = tl.arange(0, N)
+    return _element_of(tl.arange(0, N), N, BITS, UNPACK)
+
+
+@triton.jit
+def _element_of(col, N: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
+    """_column_order for given column indices."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = N // PER
     if UNPACK == 0:
@@ -121,11 +126,13 @@ def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
 @triton.jit
 def _codes_no_zero_point(x, TOP: tl.constexpr, SIGNED: tl.constexpr):
     """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, code rounded to
-    nearest in [-TOP, TOP] (SIGNED) or [0, TOP]. Same operations as reference.zero_point_free."""
+    nearest in [-TOP, TOP] (SIGNED) or [0, TOP]. reference.zero_point_free up to division rounding."""
     amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.div_rn(amax, tl.full(amax.shape, TOP, tl.float32))
+    # approximate division (<= 2 ulp, no IEEE slow path): scales within 2 ulp of the
+    # reference's, so a code can differ from it only at an exact rounding tie
+    scale = amax * (1.0 / TOP)
     safe = tl.where(scale > 0, scale, 1.0)
-    inv = tl.where(scale > 0, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+    inv = tl.where(scale > 0, 1.0 / safe, 0.0)
     # |x| * inv <= TOP (1 + 2^-22), so floor(x * inv + 1/2) already lies in the reference's
     # clamp range [-TOP or 0, TOP]: no clamp needed
     code = tl.floor(x * inv[:, None] + 0.5)
@@ -149,7 +156,7 @@ def kivi_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
-    UNPACK: tl.constexpr,
+    UNPACK: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // NHG
@@ -157,16 +164,18 @@ def kivi_attn_kernel(
     split = tl.program_id(2)
     kvh = (hg * GR) // G
 
-    # rows: E copies (V channel group e) x GR heads x BLOCK_P query positions
+    # rows: SLOTS page slots x E copies (V channel group e) x GR heads x BLOCK_P positions
     r = tl.arange(0, ROWS)
-    e_r = r // (GR * BLOCK_P)
+    s_r = r // (E * GR * BLOCK_P)
+    e_r = (r // (GR * BLOCK_P)) % E
     hl = (r % (GR * BLOCK_P)) // BLOCK_P
     pos = pid_m * BLOCK_P + r % BLOCK_P
     head = hg * GR + hl
-    row_ok = (e_r < E) & (hl < GR) & (pos < M)
+    row_ok = (s_r < SLOTS) & (hl < GR) & (pos < M)
+    first_slot = row_ok & (s_r == 0)  # sinks and the open page join slot 0's softmax
     qoff = b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + pos.to(tl.int64) * sq_m
     T, q_abs, n_sink, n_pages, m_i, l_i, acc = _seq_start(
-        q_ptr, qoff, row_ok, pos, b, kvh, seq_ptr, M, NSINK, split,
+        q_ptr, qoff, first_slot, pos, b, kvh, seq_ptr, M, NSINK, split,
         ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale, D, PART, ROWS, BLOCK16, CAUSAL, INTERP,
     )  # fmt: skip
 
@@ -182,46 +191,105 @@ def kivi_attn_kernel(
         last_q = T - M + tl.minimum(pid_m * BLOCK_P + BLOCK_P, M) - 1
         p_hi = tl.minimum(p_hi, tl.cdiv(last_q + 1 - n_sink, PART))
     bk = b.to(tl.int64)
-    for j in range(p_lo, p_hi):
-        pg = tl.load(bt_ptr + b * sbt_b + j).to(tl.int64)
+    if SLOTS == 1:
+        for j in range(p_lo, p_hi):
+            pg = tl.load(bt_ptr + b * sbt_b + j).to(tl.int64)
 
-        # scores = s_q (c_q . k_codes) + Q . m_k, Q' = Q * s_k rounded per row
-        k_rows = kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h + tok * skc_t
-        k_codes = _code_tile(k_rows, PART, D, BITS, UNPACK)  # [PART, D]
-        kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dk
-        s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
-        m_k = tl.load(km_ptr + kmeta).to(tl.float32)
-        qf = q.to(tl.float32)
-        c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, True)
-        qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
-        s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k[None, :], axis=1)[:, None]
-        s = s * qk_scale
-        if CAUSAL:
-            s = tl.where((n_sink + j * PART + tok)[None, :] <= q_abs[:, None], s, -float("inf"))
+            # scores = s_q (c_q . k_codes) + Q . m_k, Q' = Q * s_k rounded per row
+            k_rows = kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h + tok * skc_t
+            k_codes = _code_tile(k_rows, PART, D, BITS, UNPACK)  # [PART, D]
+            kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dk
+            s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
+            m_k = tl.load(km_ptr + kmeta).to(tl.float32)
+            qf = q.to(tl.float32)
+            c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, True)
+            qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
+            s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k[None, :], axis=1)[:, None]
+            s = s * qk_scale
+            if CAUSAL:
+                s = tl.where((n_sink + j * PART + tok)[None, :] <= q_abs[:, None], s, -float("inf"))
 
-        # online softmax
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+            # online softmax
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        # out = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], row copy e
-        v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
-        v_codes = _code_tile(v_rows, D, PART, BITS, UNPACK)  # [D, PART]
-        colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
-        vmeta = (bk * svm_b + pg * svm_p + kvh * svm_h + e_r)[:, None] + tok[None, :] * svm_t
-        s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, PART]: group e_r of each token
-        m_v = tl.load(vm_ptr + vmeta).to(tl.float32)
-        c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
-        pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
-        acc = acc * alpha[:, None] + s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
-        acc += tl.sum(p * m_v, axis=1)[:, None]
-        m_i = m_new
+            # out = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], row copy e
+            v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
+            v_codes = _code_tile(v_rows, D, PART, BITS, UNPACK)  # [D, PART]
+            colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
+            vmeta = (bk * svm_b + pg * svm_p + kvh * svm_h + e_r)[:, None] + tok[None, :] * svm_t
+            s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, PART]: group e_r of each token
+            m_v = tl.load(vm_ptr + vmeta).to(tl.float32)
+            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
+            pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+            acc = acc * alpha[:, None] + s_p[:, None] * (
+                pv.to(tl.float32) + 128.0 * colsum[None, :]
+            )
+            acc += tl.sum(p * m_v, axis=1)[:, None]
+            m_i = m_new
+
+    else:
+        # SLOTS pages per iteration: row slot s scores page j0 + s. The K tiles of the pages are
+        # stacked (stack row rho: page slot rho % SLOTS, token rho // SLOTS), Q' is folded per
+        # row with its own page's scales, and each slot keeps its own softmax; a row's P is zero
+        # on the other slots' columns, so one P.V product over the stack serves all slots.
+        rho = tl.arange(0, SLOTS * PART)
+        sig = rho % SLOTS
+        tk = _element_of(rho // SLOTS, PART, BITS, UNPACK)
+        for j0 in range(p_lo, p_hi, SLOTS):
+            pg_rho = tl.load(bt_ptr + b * sbt_b + j0 + sig, mask=j0 + sig < p_hi, other=0)
+            pg_rho = pg_rho.to(tl.int64)
+            pg_r = tl.load(bt_ptr + b * sbt_b + j0 + s_r, mask=j0 + s_r < p_hi, other=0)
+            pg_r = pg_r.to(tl.int64)
+            k_rows = kc_ptr + bk * skc_b + pg_rho * skc_p + kvh * skc_h + tk * skc_t
+            k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, UNPACK)  # [SLOTS * PART, D]
+            kmeta = (bk * skm_b + pg_r * skm_p + kvh * skm_h)[:, None] + dk[None, :]
+            s_k = tl.load(kss_ptr + kmeta).to(tl.float32)  # [ROWS, D]: each row's page
+            m_k = tl.load(km_ptr + kmeta).to(tl.float32)
+            qf = q.to(tl.float32)
+            c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, True)
+            qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
+            s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k, axis=1)[:, None]
+            own = (sig[None, :] == s_r[:, None]) & ((j0 + s_r) < p_hi)[:, None]
+            s = tl.where(own, s * qk_scale, -float("inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+
+            # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
+            pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
+            pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
+            vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
+            v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, UNPACK)
+            v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, UNPACK)
+            v_codes = tl.reshape(tl.join(v0, v1), (D, SLOTS * PART))
+            # the product covers both tiles whatever the slot, so both column sums enter
+            csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch
+            colsum = tl.load(csbase + pg0 * svs_p).to(tl.float32)
+            colsum += tl.load(csbase + pg1 * svs_p).to(tl.float32)
+            vmeta = (bk * svm_b + kvh * svm_h + e_r)[:, None] + (pg_rho * svm_p + tk * svm_t)[
+                None, :
+            ]
+            s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, SLOTS * PART]
+            m_v = tl.load(vm_ptr + vmeta).to(tl.float32)
+            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
+            pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+            acc = acc * alpha[:, None]
+            acc += s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
+            acc += tl.sum(p * m_v, axis=1)[:, None]
+            m_i = m_new
 
     # row copy e writes the channels of group e; copy 0 writes m and l
+    # (slot s of split k is partial k * SLOTS + s)
     _seq_finish(
-        q_ptr, qoff, row_ok, q_abs, b, kvh, head, pos, split, NSPLIT, T, n_sink, n_pages,
+        q_ptr, qoff, first_slot, q_abs, b, kvh, head, pos, split, split * SLOTS + s_r, NSPLIT,
+        T, n_sink, n_pages,
         ko_ptr, vo_ptr, sko_b, sko_h, sko_t, o_ptr, so_b, so_h, so_m, so_s,
         ml_ptr, sml_b, sml_h, sml_s, m_i, l_i, acc,
         row_ok[:, None] & ((dch // W)[None, :] == e_r[:, None]), row_ok & (e_r == 0),

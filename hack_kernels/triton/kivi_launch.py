@@ -10,7 +10,14 @@ import triton
 from .attention_kernel import combine_splits_kernel
 from .kivi_kernel import kivi_attn_kernel
 from .kivi_pages import KiviPages
-from .launch import LAST_COMPILED, LOG2E, _nonempty, interpreting, program_layout
+from .launch import (
+    LAST_COMPILED,
+    LOG2E,
+    _nonempty,
+    interpreting,
+    launch_params,
+    program_layout,
+)
 
 
 def _bstride(t: torch.Tensor, batch: int) -> int:
@@ -67,13 +74,20 @@ def run_kivi_attention(
         INTERP=interpreting(), BLOCK16=16,
     )  # fmt: skip
     kind = "decode_kivi" if decode else "prefill_kivi"
-    params, grid, o_args, ml_args, shape, nhg, num_splits, part, ml = program_layout(
-        q, out, kv_heads, kind, d, partition, causal, decode, num_splits, copies=consts["E"]
-    )
+    params = launch_params(kind, d, partition)
+    # decode: SLOTS pages per iteration in separate row slots, each slot its own partial
+    slots = 2 if decode and params.get("SLOTS", 1) == 2 and g * consts["E"] <= 8 else 1
+    params, grid, o_args, ml_args, shape, nhg, parts, part, ml = program_layout(
+        q, out, kv_heads, kind, d, partition, causal, decode, num_splits * slots,
+        copies=consts["E"] * slots,
+    )  # fmt: skip
+    grid = (grid[0], grid[1], num_splits if decode else 1)
+    num_splits = num_splits if decode else 1
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     # packed PTX unpacking on the GPU; the interpreter runs the shift form of the same tiles
     unpack = int(params.get("UNPACK", 2))
     launch["UNPACK"] = 1 if consts["INTERP"] and unpack == 2 else unpack
+    launch["SLOTS"] = slots
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,
@@ -85,6 +99,6 @@ def run_kivi_attention(
     LAST_COMPILED[(kind, d, partition)] = compiled
     if decode:
         combine_splits_kernel[(b * hq,)](
-            part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
+            part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts))
         )
     return out

@@ -52,6 +52,7 @@ DEFAULTS = {
 SLOTS_INTERP = 4
 TRANSPOSED_INTERP = False
 KIVI_UNPACK_INTERP = 1  # 0: broadcast-load tiles, 1: plane tiles (2, packed PTX, is GPU-only)
+KIVI_SLOTS_INTERP = 1
 
 
 def _nonempty(t):
@@ -73,7 +74,12 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "TRANSPOSED": TRANSPOSED_INTERP,
             },  # fmt: skip
             "quantize": {"BLOCK_R": 64},
-            "decode_kivi": {"waves": 1, "min_pages": 1, "UNPACK": KIVI_UNPACK_INTERP},
+            "decode_kivi": {
+                "waves": 1,
+                "min_pages": 1,
+                "UNPACK": KIVI_UNPACK_INTERP,
+                "SLOTS": KIVI_SLOTS_INTERP,
+            },  # fmt: skip
             "prefill_kivi": {"BLOCK_P": 16, "UNPACK": KIVI_UNPACK_INTERP},
         }
         return {"num_warps": 4, "num_stages": 1, **small[kind]}

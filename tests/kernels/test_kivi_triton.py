@@ -123,11 +123,13 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("unpack", [0, 1])
+@pytest.mark.parametrize("unpack,slots", [(0, 1), (1, 1), (1, 2)])
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_kivi_decode_matches_reference(case, unpack, monkeypatch):
-    # unpack 0: broadcast-load code tiles; 1: plane tiles in permuted column order
+def test_kivi_decode_matches_reference(case, unpack, slots, monkeypatch):
+    # unpack 0: broadcast-load code tiles; 1: plane tiles in permuted column order;
+    # slots 2: two pages per iteration in separate row slots (where G * E <= 8)
     monkeypatch.setattr(launch, "KIVI_UNPACK_INTERP", unpack)
+    monkeypatch.setattr(launch, "KIVI_SLOTS_INTERP", slots)
     d, p, sinks, lens, hq, hk, dtype, bits = case
     gen = torch.Generator().manual_seed(d * 7 + p + bits)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")
