@@ -124,6 +124,28 @@ def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
+def _rows_pick(ptrs, sel, N: tl.constexpr, ROWS: tl.constexpr):
+    """float32 [ROWS, len(ptrs)]: row r gets the values at ptrs + sel[r], sel in 0..N-1. Loads
+    N vectors and selects per row (N <= 2) instead of a per-element gather."""
+    if N == 1:
+        return tl.broadcast_to(tl.load(ptrs).to(tl.float32)[None, :], (ROWS, ptrs.shape[0]))
+    elif N == 2:
+        a = tl.load(ptrs).to(tl.float32)[None, :]
+        b = tl.load(ptrs + 1).to(tl.float32)[None, :]
+        return tl.where((sel == 0)[:, None], a, b)
+    else:
+        return tl.load(ptrs[None, :] + sel[:, None]).to(tl.float32)
+
+
+@triton.jit
+def _rows_pick2(ptrs, step, sel, ROWS: tl.constexpr):
+    """float32 [ROWS, len(ptrs)]: rows with sel 0 read ptrs, the others ptrs + step."""
+    a = tl.load(ptrs).to(tl.float32)[None, :]
+    b = tl.load(ptrs + step).to(tl.float32)[None, :]
+    return tl.where((sel == 0)[:, None], a, b)
+
+
+@triton.jit
 def _codes_no_zero_point(x, TOP: tl.constexpr, SIGNED: tl.constexpr):
     """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, code rounded to
     nearest in [-TOP, TOP] (SIGNED) or [0, TOP]. reference.zero_point_free up to division rounding."""
@@ -220,9 +242,9 @@ def kivi_attn_kernel(
             v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
             v_codes = _code_tile(v_rows, D, PART, BITS, UNPACK)  # [D, PART]
             colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
-            vmeta = (bk * svm_b + pg * svm_p + kvh * svm_h + e_r)[:, None] + tok[None, :] * svm_t
-            s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, PART]: group e_r of each token
-            m_v = tl.load(vm_ptr + vmeta).to(tl.float32)
+            vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok * svm_t
+            s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, PART]: group e_r
+            m_v = _rows_pick(vm_ptr + vmeta, e_r, E, ROWS)
             c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
             pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
             acc = acc * alpha[:, None] + s_p[:, None] * (
@@ -242,13 +264,14 @@ def kivi_attn_kernel(
         for j0 in range(p_lo, p_hi, SLOTS):
             pg_rho = tl.load(bt_ptr + b * sbt_b + j0 + sig, mask=j0 + sig < p_hi, other=0)
             pg_rho = pg_rho.to(tl.int64)
-            pg_r = tl.load(bt_ptr + b * sbt_b + j0 + s_r, mask=j0 + s_r < p_hi, other=0)
-            pg_r = pg_r.to(tl.int64)
             k_rows = kc_ptr + bk * skc_b + pg_rho * skc_p + kvh * skc_h + tk * skc_t
             k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, UNPACK)  # [SLOTS * PART, D]
-            kmeta = (bk * skm_b + pg_r * skm_p + kvh * skm_h)[:, None] + dk[None, :]
-            s_k = tl.load(kss_ptr + kmeta).to(tl.float32)  # [ROWS, D]: each row's page
-            m_k = tl.load(km_ptr + kmeta).to(tl.float32)
+            # each row's page: slot 0 reads page pg0, slot 1 page pg1 (pg1 - pg0 apart)
+            pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
+            pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
+            kmeta = bk * skm_b + pg0 * skm_p + kvh * skm_h + dk
+            s_k = _rows_pick2(kss_ptr + kmeta, (pg1 - pg0) * skm_p, s_r, ROWS)  # [ROWS, D]
+            m_k = _rows_pick2(km_ptr + kmeta, (pg1 - pg0) * skm_p, s_r, ROWS)
             qf = q.to(tl.float32)
             c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, True)
             qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
@@ -263,8 +286,6 @@ def kivi_attn_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
 
             # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
-            pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
-            pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
             vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
             v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, UNPACK)
             v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, UNPACK)
@@ -273,11 +294,9 @@ def kivi_attn_kernel(
             csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch
             colsum = tl.load(csbase + pg0 * svs_p).to(tl.float32)
             colsum += tl.load(csbase + pg1 * svs_p).to(tl.float32)
-            vmeta = (bk * svm_b + kvh * svm_h + e_r)[:, None] + (pg_rho * svm_p + tk * svm_t)[
-                None, :
-            ]
-            s_v = tl.load(vss_ptr + vmeta).to(tl.float32)  # [ROWS, SLOTS * PART]
-            m_v = tl.load(vm_ptr + vmeta).to(tl.float32)
+            vmeta = bk * svm_b + kvh * svm_h + pg_rho * svm_p + tk * svm_t
+            s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, SLOTS * PART]
+            m_v = _rows_pick(vm_ptr + vmeta, e_r, E, ROWS)
             c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
             pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
             acc = acc * alpha[:, None]
