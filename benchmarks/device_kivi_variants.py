@@ -92,7 +92,7 @@ def main() -> None:
     rows = []
     key = ("decode_kivi", 128, 64)
     # (warps, unpack, waves, slots)
-    variants = [(2, 2, 32, 2), (2, 2, 32, 1), (2, 2, 48, 2), (4, 2, 32, 2)]
+    variants = [(2, 2, 32, 2), (2, 1, 32, 2), (2, 2, 32, 1), (4, 2, 32, 2)]
     for warps, unpack, waves, slots in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": 2,
                 "UNPACK": unpack, "SLOTS": slots}  # fmt: skip

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_kernel import _seq_finish, _seq_start
+from .attention_kernel import _pick, _seq_finish, _seq_start
 
 
 @triton.jit
@@ -115,12 +115,43 @@ def _element_of(col, N: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
 
 @triton.jit
 def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
-               UNPACK: tl.constexpr):  # fmt: skip
-    """UNPACK 0: _planar_tile; 1: _plane_tile with shifts; 2: _plane_tile with packed PTX."""
-    if UNPACK == 0:
+               TILES: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """TILES 0: _planar_tile; 1: _plane_tile (planes by packed PTX if ASM)."""
+    if TILES == 0:
         return _planar_tile(row_ptrs, N, BITS)
     else:
-        return _plane_tile(row_ptrs, R, N, BITS, UNPACK == 2)
+        return _plane_tile(row_ptrs, R, N, BITS, ASM)
+
+
+@triton.jit
+def _qk_planes(
+    q0, q1, q2, q3, k_rows, sk_ptr, mk_ptr, kstep, s_r,
+    ROWS: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """Unscaled scores [ROWS, len(k_rows)] = s_q (c_q . K^T) + Q . m_k, one int8 product per
+    D-plane: plane j of the packed K rows holds channels j*NB .. j*NB + NB - 1 in order, a
+    tensor-core operand as it comes out of the shift, with no join. q_j: Q's channels of
+    plane j; row r reads the K scales at sk_ptr (slot 0) or sk_ptr + kstep (other slots)."""
+    PER: tl.constexpr = 8 // BITS
+    ch = tl.arange(0, NB)
+    packed = tl.load(k_rows[:, None] + ch[None, :])  # [R, NB]
+    amax = tl.zeros([ROWS], tl.float32)
+    for j in tl.static_range(PER):
+        qj = _pick(j, q0, q1, q2, q3).to(tl.float32)
+        skj = _rows_pick2(sk_ptr + j * NB + ch, kstep, s_r, ROWS)
+        amax = tl.maximum(amax, tl.max(tl.abs(qj * skj), axis=1))
+    scale = amax * (1.0 / 127.0)
+    inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+    qk = tl.zeros([ROWS, k_rows.shape[0]], tl.int32)
+    qm = tl.zeros([ROWS], tl.float32)
+    for j in tl.static_range(PER):
+        qj = _pick(j, q0, q1, q2, q3).to(tl.float32)
+        skj = _rows_pick2(sk_ptr + j * NB + ch, kstep, s_r, ROWS)
+        mkj = _rows_pick2(mk_ptr + j * NB + ch, kstep, s_r, ROWS)
+        c_q = tl.floor(qj * skj * inv[:, None] + 0.5).to(tl.int8)
+        qk += tl.dot(c_q, tl.trans(_plane(packed, j, BITS, ASM)), out_dtype=tl.int32)
+        qm += tl.sum(qj * mkj, axis=1)
+    return scale[:, None] * qk.to(tl.float32) + qm[:, None]
 
 
 @triton.jit
@@ -178,8 +209,13 @@ def kivi_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
-    UNPACK: tl.constexpr, SLOTS: tl.constexpr,
+    UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
+    # UNPACK 0: broadcast-load code tiles; 1: joined plane tiles; 2: K by D-planes (no join),
+    # V in joined plane tiles. ASM: planes by packed PTX (GPU only)
+    TILES: tl.constexpr = 1 if UNPACK == 2 else UNPACK
+    PER: tl.constexpr = 8 // BITS
+    NBK: tl.constexpr = D // PER
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // NHG
     hg = tl.program_id(1) % NHG
@@ -201,10 +237,19 @@ def kivi_attn_kernel(
         ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale, D, PART, ROWS, BLOCK16, CAUSAL, INTERP,
     )  # fmt: skip
 
-    tok = _column_order(PART, BITS, UNPACK)  # token of each score column
+    tok = _column_order(PART, BITS, TILES)  # token of each score column
     dch = tl.arange(0, D)
-    dk = _column_order(D, BITS, UNPACK)  # channel of each K-operand column
+    dk = _column_order(D, BITS, TILES)  # channel of each K-operand column
     q = tl.load(q_ptr + qoff[:, None] + dk[None, :], mask=row_ok[:, None], other=0.0)
+    # Q's channels per D-plane (UNPACK 2)
+    qrow = q_ptr + qoff[:, None] + tl.arange(0, NBK)[None, :]
+    q0 = tl.load(qrow, mask=row_ok[:, None], other=0.0)
+    q1, q2, q3 = q0, q0, q0
+    if UNPACK == 2:
+        q1 = tl.load(qrow + NBK, mask=row_ok[:, None], other=0.0)
+        if PER == 4:
+            q2 = tl.load(qrow + 2 * NBK, mask=row_ok[:, None], other=0.0)
+            q3 = tl.load(qrow + 3 * NBK, mask=row_ok[:, None], other=0.0)
 
     pps = tl.cdiv(n_pages, NSPLIT)
     p_lo = split * pps
@@ -219,14 +264,21 @@ def kivi_attn_kernel(
 
             # scores = s_q (c_q . k_codes) + Q . m_k, Q' = Q * s_k rounded per row
             k_rows = kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h + tok * skc_t
-            k_codes = _code_tile(k_rows, PART, D, BITS, UNPACK)  # [PART, D]
-            kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dk
-            s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
-            m_k = tl.load(km_ptr + kmeta).to(tl.float32)
-            qf = q.to(tl.float32)
-            c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, True)
-            qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
-            s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k[None, :], axis=1)[:, None]
+            if UNPACK == 2:
+                kbase = bk * skm_b + pg * skm_p + kvh * skm_h
+                s = _qk_planes(
+                    q0, q1, q2, q3, k_rows, kss_ptr + kbase, km_ptr + kbase, 0, s_r,
+                    ROWS, NBK, BITS, ASM,
+                )  # fmt: skip
+            else:
+                k_codes = _code_tile(k_rows, PART, D, BITS, TILES, ASM)  # [PART, D]
+                kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dk
+                s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
+                m_k = tl.load(km_ptr + kmeta).to(tl.float32)
+                qf = q.to(tl.float32)
+                c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, True)
+                qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
+                s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k[None, :], axis=1)[:, None]
             s = s * qk_scale
             if CAUSAL:
                 s = tl.where((n_sink + j * PART + tok)[None, :] <= q_abs[:, None], s, -float("inf"))
@@ -240,7 +292,7 @@ def kivi_attn_kernel(
 
             # out = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], row copy e
             v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
-            v_codes = _code_tile(v_rows, D, PART, BITS, UNPACK)  # [D, PART]
+            v_codes = _code_tile(v_rows, D, PART, BITS, TILES, ASM)  # [D, PART]
             colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
             vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok * svm_t
             s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, PART]: group e_r
@@ -260,22 +312,28 @@ def kivi_attn_kernel(
         # on the other slots' columns, so one P.V product over the stack serves all slots.
         rho = tl.arange(0, SLOTS * PART)
         sig = rho % SLOTS
-        tk = _element_of(rho // SLOTS, PART, BITS, UNPACK)
+        tk = _element_of(rho // SLOTS, PART, BITS, TILES)
         for j0 in range(p_lo, p_hi, SLOTS):
             pg_rho = tl.load(bt_ptr + b * sbt_b + j0 + sig, mask=j0 + sig < p_hi, other=0)
             pg_rho = pg_rho.to(tl.int64)
             k_rows = kc_ptr + bk * skc_b + pg_rho * skc_p + kvh * skc_h + tk * skc_t
-            k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, UNPACK)  # [SLOTS * PART, D]
             # each row's page: slot 0 reads page pg0, slot 1 page pg1 (pg1 - pg0 apart)
             pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
             pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
-            kmeta = bk * skm_b + pg0 * skm_p + kvh * skm_h + dk
-            s_k = _rows_pick2(kss_ptr + kmeta, (pg1 - pg0) * skm_p, s_r, ROWS)  # [ROWS, D]
-            m_k = _rows_pick2(km_ptr + kmeta, (pg1 - pg0) * skm_p, s_r, ROWS)
-            qf = q.to(tl.float32)
-            c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, True)
-            qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
-            s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k, axis=1)[:, None]
+            kbase = bk * skm_b + pg0 * skm_p + kvh * skm_h
+            if UNPACK == 2:
+                s = _qk_planes(
+                    q0, q1, q2, q3, k_rows, kss_ptr + kbase, km_ptr + kbase,
+                    (pg1 - pg0) * skm_p, s_r, ROWS, NBK, BITS, ASM,
+                )  # fmt: skip
+            else:
+                k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, TILES, ASM)
+                s_k = _rows_pick2(kss_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
+                m_k = _rows_pick2(km_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
+                qf = q.to(tl.float32)
+                c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, True)
+                qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
+                s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k, axis=1)[:, None]
             own = (sig[None, :] == s_r[:, None]) & ((j0 + s_r) < p_hi)[:, None]
             s = tl.where(own, s * qk_scale, -float("inf"))
 
@@ -287,8 +345,8 @@ def kivi_attn_kernel(
 
             # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
             vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
-            v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, UNPACK)
-            v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, UNPACK)
+            v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, TILES, ASM)
+            v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, TILES, ASM)
             v_codes = tl.reshape(tl.join(v0, v1), (D, SLOTS * PART))
             # the product covers both tiles whatever the slot, so both column sums enter
             csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch

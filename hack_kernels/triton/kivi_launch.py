@@ -84,9 +84,11 @@ def run_kivi_attention(
     grid = (grid[0], grid[1], num_splits if decode else 1)
     num_splits = num_splits if decode else 1
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
-    # packed PTX unpacking on the GPU; the interpreter runs the shift form of the same tiles
+    # code tiles (kivi_kernel: UNPACK); K by D-planes needs planes of >= 32 channels (the
+    # smallest int8 product); packed-PTX plane extraction on the GPU, shifts in the interpreter
     unpack = int(params.get("UNPACK", 2))
-    launch["UNPACK"] = 1 if consts["INTERP"] and unpack == 2 else unpack
+    launch["UNPACK"] = 1 if unpack == 2 and d * bits // 8 < 32 else unpack
+    launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),

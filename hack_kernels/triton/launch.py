@@ -51,7 +51,7 @@ DEFAULTS = {
 # tests flip these to cover every decode kernel under the interpreter
 SLOTS_INTERP = 4
 TRANSPOSED_INTERP = False
-KIVI_UNPACK_INTERP = 1  # 0: broadcast-load tiles, 1: plane tiles (2, packed PTX, is GPU-only)
+KIVI_UNPACK_INTERP = 2  # kivi_kernel's UNPACK: 0 broadcast tiles, 1 joined planes, 2 K planes
 KIVI_SLOTS_INTERP = 1
 
 
