@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .attention_kernel import _pick, _seq_finish, _seq_start
 
@@ -124,6 +125,15 @@ def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
+def _round_half_up(x, ASM: tl.constexpr):
+    """floor(x + 1/2) as int32: one float-to-int conversion rounding down on the GPU."""
+    if ASM:
+        return libdevice.float2int_rd(x + 0.5)
+    else:
+        return tl.floor(x + 0.5).to(tl.int32)
+
+
+@triton.jit
 def _qk_planes(
     q0, q1, q2, q3, k_rows, sk_ptr, mk_ptr, kstep, s_r,
     ROWS: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
@@ -137,7 +147,7 @@ def _qk_planes(
     packed = tl.load(k_rows[:, None] + ch[None, :])  # [R, NB]
     amax = tl.zeros([ROWS], tl.float32)
     for j in tl.static_range(PER):
-        qj = _pick(j, q0, q1, q2, q3).to(tl.float32)
+        qj = _pick(j, q0, q1, q2, q3)
         skj = _rows_pick2(sk_ptr + j * NB + ch, kstep, s_r, ROWS)
         amax = tl.maximum(amax, tl.max(tl.abs(qj * skj), axis=1))
     scale = amax * (1.0 / 127.0)
@@ -145,10 +155,10 @@ def _qk_planes(
     qk = tl.zeros([ROWS, k_rows.shape[0]], tl.int32)
     qm = tl.zeros([ROWS], tl.float32)
     for j in tl.static_range(PER):
-        qj = _pick(j, q0, q1, q2, q3).to(tl.float32)
+        qj = _pick(j, q0, q1, q2, q3)
         skj = _rows_pick2(sk_ptr + j * NB + ch, kstep, s_r, ROWS)
         mkj = _rows_pick2(mk_ptr + j * NB + ch, kstep, s_r, ROWS)
-        c_q = tl.floor(qj * skj * inv[:, None] + 0.5).to(tl.int8)
+        c_q = _round_half_up(qj * skj * inv[:, None], ASM).to(tl.int8)
         qk += tl.dot(c_q, tl.trans(_plane(packed, j, BITS, ASM)), out_dtype=tl.int32)
         qm += tl.sum(qj * mkj, axis=1)
     return scale[:, None] * qk.to(tl.float32) + qm[:, None]
@@ -177,9 +187,10 @@ def _rows_pick2(ptrs, step, sel, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _codes_no_zero_point(x, TOP: tl.constexpr, SIGNED: tl.constexpr):
-    """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, code rounded to
-    nearest in [-TOP, TOP] (SIGNED) or [0, TOP]. reference.zero_point_free up to division rounding."""
+def _codes_no_zero_point(x, TOP: tl.constexpr, ASM: tl.constexpr):
+    """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, int32 code
+    rounded to nearest in [-TOP, TOP] (or [0, TOP] for x >= 0). reference.zero_point_free up to
+    division rounding."""
     amax = tl.max(tl.abs(x), axis=1)
     # approximate division (<= 2 ulp, no IEEE slow path): scales within 2 ulp of the
     # reference's, so a code can differ from it only at an exact rounding tie
@@ -188,7 +199,7 @@ def _codes_no_zero_point(x, TOP: tl.constexpr, SIGNED: tl.constexpr):
     inv = tl.where(scale > 0, 1.0 / safe, 0.0)
     # |x| * inv <= TOP (1 + 2^-22), so floor(x * inv + 1/2) already lies in the reference's
     # clamp range [-TOP or 0, TOP]: no clamp needed
-    code = tl.floor(x * inv[:, None] + 0.5)
+    code = _round_half_up(x * inv[:, None], ASM)
     return code, scale
 
 
@@ -243,13 +254,13 @@ def kivi_attn_kernel(
     q = tl.load(q_ptr + qoff[:, None] + dk[None, :], mask=row_ok[:, None], other=0.0)
     # Q's channels per D-plane (UNPACK 2)
     qrow = q_ptr + qoff[:, None] + tl.arange(0, NBK)[None, :]
-    q0 = tl.load(qrow, mask=row_ok[:, None], other=0.0)
+    q0 = tl.load(qrow, mask=row_ok[:, None], other=0.0).to(tl.float32)
     q1, q2, q3 = q0, q0, q0
     if UNPACK == 2:
-        q1 = tl.load(qrow + NBK, mask=row_ok[:, None], other=0.0)
+        q1 = tl.load(qrow + NBK, mask=row_ok[:, None], other=0.0).to(tl.float32)
         if PER == 4:
-            q2 = tl.load(qrow + 2 * NBK, mask=row_ok[:, None], other=0.0)
-            q3 = tl.load(qrow + 3 * NBK, mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(qrow + 2 * NBK, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q3 = tl.load(qrow + 3 * NBK, mask=row_ok[:, None], other=0.0).to(tl.float32)
 
     pps = tl.cdiv(n_pages, NSPLIT)
     p_lo = split * pps
@@ -276,7 +287,7 @@ def kivi_attn_kernel(
                 s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
                 m_k = tl.load(km_ptr + kmeta).to(tl.float32)
                 qf = q.to(tl.float32)
-                c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, True)
+                c_q, s_q = _codes_no_zero_point(qf * s_k[None, :], 127.0, ASM)
                 qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
                 s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k[None, :], axis=1)[:, None]
             s = s * qk_scale
@@ -297,8 +308,8 @@ def kivi_attn_kernel(
             vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok * svm_t
             s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, PART]: group e_r
             m_v = _rows_pick(vm_ptr + vmeta, e_r, E, ROWS)
-            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
-            pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, ASM)
+            pv = tl.dot((c_p - 128).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
             acc = acc * alpha[:, None] + s_p[:, None] * (
                 pv.to(tl.float32) + 128.0 * colsum[None, :]
             )
@@ -331,7 +342,7 @@ def kivi_attn_kernel(
                 s_k = _rows_pick2(kss_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
                 m_k = _rows_pick2(km_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
                 qf = q.to(tl.float32)
-                c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, True)
+                c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, ASM)
                 qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
                 s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k, axis=1)[:, None]
             own = (sig[None, :] == s_r[:, None]) & ((j0 + s_r) < p_hi)[:, None]
@@ -355,8 +366,8 @@ def kivi_attn_kernel(
             vmeta = bk * svm_b + kvh * svm_h + pg_rho * svm_p + tk * svm_t
             s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, SLOTS * PART]
             m_v = _rows_pick(vm_ptr + vmeta, e_r, E, ROWS)
-            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, False)
-            pv = tl.dot((c_p - 128.0).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, ASM)
+            pv = tl.dot((c_p - 128).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
             acc = acc * alpha[:, None]
             acc += s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
             acc += tl.sum(p * m_v, axis=1)[:, None]
