@@ -249,10 +249,11 @@ def build_payloads(
 # Receivers (child process) and the raw-socket baseline.
 
 
-def _raw_serve() -> None:
+def _raw_serve(receive: Callable[[socket.socket, list[int]], list | None] | None = None) -> None:
     """The baseline receiver: the same bytes into the same kind of memory as the transports'
-    receivers (a fresh wire.alloc_payload buffer per frame, all kept until the end), with no
-    parsing and no checksums."""
+    receivers (`receive`, by default a fresh wire.alloc_payload buffer per frame, all kept until
+    after the acknowledgement), with no parsing and no checksums."""
+    receive = receive or _receive_per_frame
     lsock = socket.create_server(("127.0.0.1", 0))
     print(f"PORT {lsock.getsockname()[1]}", flush=True)
     while True:
@@ -266,14 +267,19 @@ def _raw_serve() -> None:
             sizes = bytearray(8 * int.from_bytes(head, "little"))
             if not _recv_exact(conn, memoryview(sizes)):
                 continue
-            kept = []
-            for (n,) in struct.iter_unpack("<Q", sizes):
-                kept.append(wire.alloc_payload(n))
-                if not _recv_exact(conn, kept[-1]):
-                    break
-            else:
+            kept = receive(conn, [n for (n,) in struct.iter_unpack("<Q", sizes)])
+            if kept is not None:
                 conn.sendall(b"\1")
             del kept
+
+
+def _receive_per_frame(conn: socket.socket, sizes: list[int]) -> list | None:
+    kept = []
+    for n in sizes:
+        kept.append(wire.alloc_payload(n))
+        if not _recv_exact(conn, kept[-1]):
+            return None
+    return kept
 
 
 def _recv_exact(conn: socket.socket, mv: memoryview) -> bool:

@@ -5,37 +5,19 @@ import json
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 
 from hack_transport import transfer_bench as tb
-from hack_transport.transports.tcp import tune
 
 
-def old_serve():
-    lsock = socket.create_server(("127.0.0.1", 0))
-    print(f"PORT {lsock.getsockname()[1]}", flush=True)
-    while True:
-        conn, _ = lsock.accept()
-        tune(conn)
-        conn.setblocking(True)
-        with conn:
-            head = bytearray(4)
-            if not tb._recv_exact(conn, memoryview(head)):
-                continue
-            sizes = bytearray(8 * int.from_bytes(head, "little"))
-            if not tb._recv_exact(conn, memoryview(sizes)):
-                continue
-            total = sum(n for (n,) in struct.iter_unpack("<Q", sizes))
-            buf = bytearray(total)  # the previous baseline: one zero-filled buffer up front
-            if tb._recv_exact(conn, memoryview(buf)):
-                conn.sendall(b"\1")
-            del buf
+def old_receive(conn: socket.socket, sizes: list[int]) -> list | None:
+    buf = bytearray(sum(sizes))  # the previous baseline: one zero-filled buffer up front
+    return [buf] if tb._recv_exact(conn, memoryview(buf)) else None
 
 
 if len(sys.argv) > 1 and sys.argv[1] == "old":
-    old_serve()
+    tb._raw_serve(old_receive)
     sys.exit()
 out = {"load_start": os.getloadavg()}
 wl = tb.synthetic_workload("llama-8b", 4096)
