@@ -97,13 +97,14 @@ def decode_case(model, batch, ctx, cfg, rows, tune):
     key = ("decode_kivi" if kivi else "decode", d, cfg.partition)
     if tune:
         best = None
-        if kivi:  # (warps, stages, waves)
-            grid = [(2, 1, 16), (2, 1, 8), (2, 1, 32), (2, 2, 16), (4, 1, 16),
-                    (1, 1, 16)]  # fmt: skip
+        if kivi:  # (warps, waves, slots, unpack); device_kivi_variants.py has the history
+            grid = [(2, 32, 2, 2), (2, 16, 2, 2), (2, 64, 2, 2), (4, 32, 2, 2), (2, 32, 1, 2),
+                    (2, 32, 2, 1)]  # fmt: skip
             configs = [
-                {"num_warps": nw, "num_stages": ns, "waves": wv, "min_pages": 2}
-                for nw, ns, wv in grid
-            ]
+                {"num_warps": nw, "num_stages": 1, "waves": wv, "min_pages": 2, "SLOTS": sl,
+                 "UNPACK": up}
+                for nw, wv, sl, up in grid
+            ]  # fmt: skip
         else:
             # measured on the H100 (notes): 8 warps, PREFETCH and DOT16 were slower
             grid = [(4, 16, 1, False), (4, 16, 4, False), (4, 8, 1, True), (8, 16, 1, True)]

@@ -43,8 +43,15 @@ DEFAULTS = {
     "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False, "DOT16": False},
     "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": False, "DOT16": False},
     "quantize": {"BLOCK_R": 64, "num_warps": 4},
-    "decode_kivi": {"num_warps": 4, "num_stages": 1, "waves": 16, "min_pages": 2},
-    "prefill_kivi": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1},
+    "decode_kivi": {
+        "num_warps": 2,
+        "num_stages": 1,
+        "waves": 32,
+        "min_pages": 2,
+        "UNPACK": 2,
+        "SLOTS": 2,
+    },  # fmt: skip
+    "prefill_kivi": {"BLOCK_P": 32, "num_warps": 4, "num_stages": 1, "UNPACK": 2},
 }
 
 
