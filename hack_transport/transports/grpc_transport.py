@@ -29,10 +29,12 @@ from .base import (
     connect_with_retry,
     token_ok,
 )
+from .grpc_chunks import encode_chunk, parse_chunk
 
 CHUNK = 1 << 20
 MIN_CHUNK = 1 << 20
 TOKEN_HEADER = "x-hack-kv-token"
+SERVICE = "hack_kv.v1.KVTransfer"
 TAIL_HEADER = "x-hack-kv-tail-s"
 
 
@@ -73,7 +75,18 @@ class GrpcReceiver(KVReceiver):
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         max_msg = 4 * CHUNK + (1 << 20)
         self._server = grpc.aio.server(options=_options(max_msg))
-        pb_grpc.add_KVTransferServicer_to_server(_Servicer(self), self._server)
+        # The generated servicer's wiring, with the chunk parser that keeps `data` a view.
+        handlers = {
+            "Transfer": grpc.stream_unary_rpc_method_handler(
+                _Servicer(self).Transfer,
+                request_deserializer=parse_chunk,
+                response_serializer=pb.TransferAck.SerializeToString,
+            )
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+        self._server.add_registered_method_handlers(SERVICE, handlers)
         addr = f"{host}:{port}"
         if self.tls:
             bound = self._server.add_secure_port(addr, grpc.ssl_server_credentials([self.tls]))
@@ -177,8 +190,8 @@ class GrpcReceiver(KVReceiver):
 
 def _chunks(
     first: pb.TransferChunk, frames: Sequence[Sequence[Buffer]], size: int
-) -> Iterator[pb.TransferChunk]:
-    """The stream's messages: one copy of the frame bytes into chunks of `size` bytes."""
+) -> Iterator[bytes]:
+    """The stream's serialized messages: one copy of the frame bytes into chunks of `size`."""
     pieces, total, head = [], 0, first
     for frame in frames:
         for buf in frame:
@@ -189,11 +202,9 @@ def _chunks(
                 total += take
                 mv = mv[take:]
                 if total == size:
-                    head.data = b"".join(pieces)
-                    yield head
-                    head, pieces, total = pb.TransferChunk(), [], 0
-    head.data = b"".join(pieces)
-    yield head
+                    yield encode_chunk(head, pieces)
+                    head, pieces, total = None, [], 0
+    yield encode_chunk(head, pieces)
 
 
 class GrpcSender(KVSender):
@@ -248,7 +259,10 @@ class GrpcSender(KVSender):
     async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
         channel = await connect_with_retry(self._connect, self.retry, f"grpc://{self.target}")
         async with channel:
-            stub = pb_grpc.KVTransferStub(channel)
+            # As the generated stub, but the chunks arrive serialized (encode_chunk).
+            transfer = channel.stream_unary(
+                f"/{SERVICE}/Transfer", response_deserializer=pb.TransferAck.FromString
+            )
             n = max(1, min(self.streams, len(frames)))
             cuts = [round(i * len(frames) / n) for i in range(n + 1)]
             groups = [frames[cuts[i] : cuts[i + 1]] for i in range(n)]  # contiguous, in order
@@ -256,9 +270,9 @@ class GrpcSender(KVSender):
 
             bucket = TokenBucket(self.bandwidth, self.chunk_bytes) if self.bandwidth else None
 
-            async def paced(chunks: Iterator[pb.TransferChunk]):
+            async def paced(chunks: Iterator[bytes]):
                 for c in chunks:
-                    await bucket.take(len(c.data))
+                    await bucket.take(len(c))
                     yield c
 
             async def one(i: int) -> pb.TransferAck:
@@ -266,7 +280,7 @@ class GrpcSender(KVSender):
                     key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
                 )
                 chunks = _chunks(first, groups[i], self.chunk_bytes)
-                call = stub.Transfer(paced(chunks) if bucket else chunks, metadata=meta)
+                call = transfer(paced(chunks) if bucket else chunks, metadata=meta)
                 ack = await call
                 if ack.committed:
                     for k, v in await call.trailing_metadata() or ():

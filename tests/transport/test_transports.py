@@ -198,9 +198,9 @@ def test_grpc_truncated_stream_commits_nothing(request_kv):
     frame = wire.encode_frame(blocks[0])
     real = gt._chunks
 
-    def short(first, frames, size):
+    def short(first, frames, size):  # serialized by protobuf itself: peers interoperate
         first.data = frame[: len(frame) - 3]
-        yield first
+        yield first.SerializeToString()
 
     async def go():
         rcv, port = await _serve("grpc", expect_model=model)
