@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .attention_kernel import _pick, _seq_finish, _seq_start
 
@@ -125,12 +124,26 @@ def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
-def _round_half_up(x, ASM: tl.constexpr):
-    """floor(x + 1/2) as int32: one float-to-int conversion rounding down on the GPU."""
+def _round_half_up(x, inv, ASM: tl.constexpr):
+    """floor(x * inv + 1/2) as int32, each operation rounded on its own as in the reference (a
+    fused multiply-add could flip a code at a tie)."""
     if ASM:
-        return libdevice.float2int_rd(x + 0.5)
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 t; mul.rn.f32 t, $1, $2; add.rn.f32 t, t, 0f3F000000;"
+            " cvt.rmi.s32.f32 $0, t; }",
+            "=r,r,r", [x, inv], tl.int32, True, 1,
+        )  # fmt: skip
     else:
-        return tl.floor(x + 0.5).to(tl.int32)
+        return tl.floor(x * inv + 0.5).to(tl.int32)
+
+
+@triton.jit
+def _scale_and_inverse(amax, TOP: tl.constexpr):
+    """scale = amax / TOP and 1 / scale (0 where scale is 0), IEEE-rounded as torch does."""
+    scale = tl.div_rn(amax, tl.full(amax.shape, TOP, tl.float32))
+    safe = tl.where(scale > 0, scale, 1.0)
+    inv = tl.where(scale > 0, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+    return scale, inv
 
 
 @triton.jit
@@ -150,15 +163,14 @@ def _qk_planes(
         qj = _pick(j, q0, q1, q2, q3)
         skj = _rows_pick2(sk_ptr + j * NB + ch, kstep, s_r, ROWS)
         amax = tl.maximum(amax, tl.max(tl.abs(qj * skj), axis=1))
-    scale = amax * (1.0 / 127.0)
-    inv = tl.where(scale > 0, 1.0 / tl.where(scale > 0, scale, 1.0), 0.0)
+    scale, inv = _scale_and_inverse(amax, 127.0)
     qk = tl.zeros([ROWS, k_rows.shape[0]], tl.int32)
     qm = tl.zeros([ROWS], tl.float32)
     for j in tl.static_range(PER):
         qj = _pick(j, q0, q1, q2, q3)
         skj = _rows_pick2(sk_ptr + j * NB + ch, kstep, s_r, ROWS)
         mkj = _rows_pick2(mk_ptr + j * NB + ch, kstep, s_r, ROWS)
-        c_q = _round_half_up(qj * skj * inv[:, None], ASM).to(tl.int8)
+        c_q = _round_half_up(qj * skj, tl.broadcast_to(inv[:, None], qj.shape), ASM).to(tl.int8)
         qk += tl.dot(c_q, tl.trans(_plane(packed, j, BITS, ASM)), out_dtype=tl.int32)
         qm += tl.sum(qj * mkj, axis=1)
     return scale[:, None] * qk.to(tl.float32) + qm[:, None]
@@ -189,17 +201,13 @@ def _rows_pick2(ptrs, step, sel, ROWS: tl.constexpr):
 @triton.jit
 def _codes_no_zero_point(x, TOP: tl.constexpr, ASM: tl.constexpr):
     """Per row of x (float32 [R, W]): x ~= scale * code, scale = max|x| / TOP, int32 code
-    rounded to nearest in [-TOP, TOP] (or [0, TOP] for x >= 0). reference.zero_point_free up to
-    division rounding."""
+    rounded to nearest in [-TOP, TOP] (or [0, TOP] for x >= 0), bit-exact to
+    reference.zero_point_free."""
     amax = tl.max(tl.abs(x), axis=1)
-    # approximate division (<= 2 ulp, no IEEE slow path): scales within 2 ulp of the
-    # reference's, so a code can differ from it only at an exact rounding tie
-    scale = amax * (1.0 / TOP)
-    safe = tl.where(scale > 0, scale, 1.0)
-    inv = tl.where(scale > 0, 1.0 / safe, 0.0)
-    # |x| * inv <= TOP (1 + 2^-22), so floor(x * inv + 1/2) already lies in the reference's
+    scale, inv = _scale_and_inverse(amax, TOP)
+    # |x| * inv <= TOP (1 + 2^-23), so floor(x * inv + 1/2) already lies in the reference's
     # clamp range [-TOP or 0, TOP]: no clamp needed
-    code = _round_half_up(x * inv[:, None], ASM)
+    code = _round_half_up(x, tl.broadcast_to(inv[:, None], x.shape), ASM)
     return code, scale
 
 

@@ -90,6 +90,7 @@ def run_kivi_attention(
     launch["UNPACK"] = 1 if unpack == 2 and d * bits // 8 < 32 else unpack
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
+    launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,
