@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import struct
@@ -352,6 +353,15 @@ class ReceiverProcess:
         self.proc.kill()
         self.proc.wait()
 
+    def pause(self) -> None:
+        """Stop the process while the raw socket is measured: an idle ucxx receiver keeps a core
+        busy (its progress loop spins once a connection has been made), which would slow the
+        baseline beside it on a 2-core machine."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -438,7 +448,11 @@ def run_benchmark(
                     times = {RAW: [], kind: []}
                     tails = []
                     for _ in range(repeat):
-                        times[RAW].append(send_once(RAW, raw_srv.port, pl.frames, bw))
+                        srv.pause()
+                        try:
+                            times[RAW].append(send_once(RAW, raw_srv.port, pl.frames, bw))
+                        finally:
+                            srv.resume()
                         secs, tail = send_timed(kind, srv.port, pl.frames, bw)
                         times[kind].append(secs)
                         if tail is not None:
