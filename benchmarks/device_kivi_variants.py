@@ -88,14 +88,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    shapes = {(16, 32768): case(16, 32768), (1, 32768): case(1, 32768)}
+    shapes = {(b, c): case(b, c) for b, c in ((16, 32768), (1, 32768), (1, 4096), (1, 1024))}
     rows = []
     key = ("decode_kivi", 128, 64)
-    # (warps, unpack, waves, slots)
-    variants = [(2, 2, 32, 2), (2, 1, 32, 2), (2, 2, 32, 1), (4, 2, 32, 2)]
-    for warps, unpack, waves, slots in variants:
-        conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": 2,
-                "UNPACK": unpack, "SLOTS": slots}  # fmt: skip
+    # (warps, unpack, waves, slots, fused merge, min pages a split)
+    variants = [(2, 2, 32, 2, True, 2), (2, 2, 32, 2, False, 2), (2, 2, 32, 2, True, 4),
+                (2, 2, 16, 2, True, 2)]  # fmt: skip
+    for warps, unpack, waves, slots, merge, minp in variants:
+        conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
+                "UNPACK": unpack, "SLOTS": slots, "MERGE": merge}  # fmt: skip
         if True:
             launch.TUNED[key] = conf
             row = {**conf}
@@ -115,7 +116,7 @@ def main() -> None:
                 row["n_spills"] = getattr(ck, "n_spills", None)
                 sass = _sass(ck)
                 if sass:
-                    name = f"sass_w{warps}_u{unpack}_s{slots}.txt"
+                    name = f"sass_w{warps}_u{unpack}_s{slots}_m{int(merge)}.txt"
                     (Path(args.out).parent / name).write_text(sass)
                     row["sass_opcodes"] = _histogram(sass)
             except Exception as e:  # noqa: BLE001 - record the failing variant, go on
