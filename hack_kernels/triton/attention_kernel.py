@@ -367,9 +367,11 @@ def hack_attn_kernel(
 
 
 @triton.jit
-def _merge_row(o_ptr, ml_ptr, row, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the NSPLIT partials of one row
-    (partials [rows, NSPLIT, D] and [rows, NSPLIT, 2], contiguous)."""
+def combine_splits_kernel(
+    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr
+):  # fmt: skip
+    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's splits."""
+    row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     smask = sp < NSPLIT
     m = tl.load(ml_ptr + row * NSPLIT * 2 + sp * 2, mask=smask, other=-float("inf"))
@@ -380,14 +382,5 @@ def _merge_row(o_ptr, ml_ptr, row, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexp
     acc = tl.load(
         o_ptr + (row * NSPLIT + sp[:, None]) * D + dch[None, :], mask=smask[:, None], other=0.0
     )
-    return tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
-
-
-@triton.jit
-def combine_splits_kernel(
-    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr
-):  # fmt: skip
-    """out[row] = the merge of a row's split partials (_merge_row)."""
-    row = tl.program_id(0).to(tl.int64)
-    out = _merge_row(o_ptr, ml_ptr, row, NSPLIT, D, BLOCK_S)
-    tl.store(out_ptr + row * D + tl.arange(0, D), out.to(out_ptr.dtype.element_ty))
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    tl.store(out_ptr + row * D + dch, out.to(out_ptr.dtype.element_ty))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_kernel import _merge_row, _pick, _seq_finish, _seq_start
+from .attention_kernel import _pick, _seq_finish, _seq_start
 
 
 @triton.jit
@@ -224,13 +224,11 @@ def kivi_attn_kernel(
     vcs_ptr, svs_b, svs_p, svs_h,
     ks_ptr, vs_ptr, sks_b, sks_h, sks_t,
     ko_ptr, vo_ptr, sko_b, sko_h, sko_t,
-    cnt_ptr, fo_ptr,
     M, NSINK, NSPLIT, NHG, G, qk_scale,
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
     UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr,
-    MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # UNPACK 0: broadcast-load code tiles; 1: joined plane tiles; 2: K by D-planes (no join),
     # V in joined plane tiles. ASM: planes by packed PTX (GPU only)
@@ -393,19 +391,6 @@ def kivi_attn_kernel(
         row_ok[:, None] & ((dch // W)[None, :] == e_r[:, None]), row_ok & (e_r == 0),
         qk_scale, D, PART, BLOCK16, CAUSAL, SPLIT, INTERP,
     )  # fmt: skip
-
-    if MERGE:
-        # decode without a second launch: the last program of this (sequence, kv head) to finish
-        # merges the partials of its GR heads into fo_ptr [B, HQ, D] and re-arms the counter.
-        # The barrier orders every thread's partial stores before the release.
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + tl.program_id(1), 1, sem="acq_rel")
-        if done == NSPLIT - 1:
-            tl.atomic_xchg(cnt_ptr + tl.program_id(1), 0)
-            for h in tl.static_range(GR):
-                row = b.to(tl.int64) * NHG * GR + hg * GR + h
-                out = _merge_row(o_ptr, ml_ptr, row, NSPLIT * SLOTS, D, BLOCK_S)
-                tl.store(fo_ptr + row * D + dch, out.to(fo_ptr.dtype.element_ty))
 
 
 _ = triton  # imported for the decorator's module

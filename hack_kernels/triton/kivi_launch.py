@@ -19,19 +19,6 @@ from .launch import (
     program_layout,
 )
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Arrival counters of the fused merge, one per (sequence, kv head), zero between calls
-    (each call's last programs reset theirs); one set per device and stream."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
 
 def _bstride(t: torch.Tensor, batch: int) -> int:
     """Batch stride of a page array: 0 when one set of pages serves every sequence (paged cache)."""
@@ -104,21 +91,16 @@ def run_kivi_attention(
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
     launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))
-    # decode: the last program per (sequence, kv head) merges the partials (no second launch)
-    merge = decode and bool(params.get("MERGE", True)) and out.is_contiguous()
-    launch["MERGE"] = merge
-    launch["BLOCK_S"] = max(2, triton.next_power_of_2(parts))
-    counters = _counters(q.device, b * kv_heads) if merge else seq_lens
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,
         seq_lens, block_tables, bt_batch_stride,
-        *page_args, *sinks, *opens, counters, out,
+        *page_args, *sinks, *opens,
         m, n_sink, num_splits, nhg, g, scale,
         **consts, **shape, **launch,
     )  # fmt: skip
     LAST_COMPILED[(kind, d, partition)] = compiled
-    if decode and not merge:
+    if decode:
         combine_splits_kernel[(b * hq,)](
             part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts))
         )

@@ -60,7 +60,6 @@ SLOTS_INTERP = 4
 TRANSPOSED_INTERP = False
 KIVI_UNPACK_INTERP = 2  # kivi_kernel's UNPACK: 0 broadcast tiles, 1 joined planes, 2 K planes
 KIVI_SLOTS_INTERP = 1
-KIVI_MERGE_INTERP = True
 
 
 def _nonempty(t):
@@ -87,7 +86,6 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "min_pages": 1,
                 "UNPACK": KIVI_UNPACK_INTERP,
                 "SLOTS": KIVI_SLOTS_INTERP,
-                "MERGE": KIVI_MERGE_INTERP,
             },  # fmt: skip
             "prefill_kivi": {"BLOCK_P": 16, "UNPACK": KIVI_UNPACK_INTERP},
         }

@@ -123,17 +123,13 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "unpack,slots,merge", [(0, 1, False), (1, 2, True), (2, 1, True), (2, 2, False)]
-)
+@pytest.mark.parametrize("unpack,slots", [(0, 1), (1, 2), (2, 1), (2, 2)])
 @pytest.mark.parametrize("case", DECODE_CASES)
-def test_kivi_decode_matches_reference(case, unpack, slots, merge, monkeypatch):
+def test_kivi_decode_matches_reference(case, unpack, slots, monkeypatch):
     # unpack 0: broadcast-load code tiles; 1: plane tiles in permuted column order; 2: K by
     # D-planes where they hold >= 32 channels; slots 2: two pages per iteration (G * E <= 8)
     monkeypatch.setattr(launch, "KIVI_UNPACK_INTERP", unpack)
     monkeypatch.setattr(launch, "KIVI_SLOTS_INTERP", slots)
-    # merge: the last program merges the split partials instead of a second kernel
-    monkeypatch.setattr(launch, "KIVI_MERGE_INTERP", merge)
     d, p, sinks, lens, hq, hk, dtype, bits = case
     gen = torch.Generator().manual_seed(d * 7 + p + bits)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")
