@@ -94,7 +94,7 @@ def main() -> None:
     # (warps, unpack, waves, slots, min pages a split); a fused merge of the partials by the
     # last program (atomic arrival counter) was measured slower everywhere and removed:
     # attention_h100_kivi_merge_variants.json
-    variants = [(2, 3, 32, 2, 2), (2, 2, 32, 2, 2), (4, 3, 32, 2, 2), (2, 3, 32, 2, 1)]
+    variants = [(2, 2, 32, 2, 2), (2, 2, 32, 2, 1), (2, 2, 64, 2, 1), (2, 1, 32, 2, 2)]
     for warps, unpack, waves, slots, minp in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
                 "UNPACK": unpack, "SLOTS": slots}  # fmt: skip

@@ -147,46 +147,6 @@ def _scale_and_inverse(amax, TOP: tl.constexpr):
 
 
 @triton.jit
-def _fold_q4(
-    q0, q1, q2, q3, sk_ptr, mk_ptr, kstep, s_r,
-    ROWS: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr,
-):  # fmt: skip
-    """2-bit K by D-planes: Q' = Q * s_k rounded per row to int8 once per page pair, as the four
-    plane operands c0..c3 (channels j*NB ..), with the scale and Q . m_k of each row."""
-    ch = tl.arange(0, NB)
-    a0 = q0 * _rows_pick2(sk_ptr + ch, kstep, s_r, ROWS)
-    a1 = q1 * _rows_pick2(sk_ptr + NB + ch, kstep, s_r, ROWS)
-    a2 = q2 * _rows_pick2(sk_ptr + 2 * NB + ch, kstep, s_r, ROWS)
-    a3 = q3 * _rows_pick2(sk_ptr + 3 * NB + ch, kstep, s_r, ROWS)
-    amax = tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1))
-    amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
-    scale, inv = _scale_and_inverse(amax, 127.0)
-    invb = tl.broadcast_to(inv[:, None], a0.shape)
-    c0 = _round_half_up(a0, invb, ASM).to(tl.int8)
-    c1 = _round_half_up(a1, invb, ASM).to(tl.int8)
-    c2 = _round_half_up(a2, invb, ASM).to(tl.int8)
-    c3 = _round_half_up(a3, invb, ASM).to(tl.int8)
-    qm = tl.sum(q0 * _rows_pick2(mk_ptr + ch, kstep, s_r, ROWS), axis=1)
-    qm += tl.sum(q1 * _rows_pick2(mk_ptr + NB + ch, kstep, s_r, ROWS), axis=1)
-    qm += tl.sum(q2 * _rows_pick2(mk_ptr + 2 * NB + ch, kstep, s_r, ROWS), axis=1)
-    qm += tl.sum(q3 * _rows_pick2(mk_ptr + 3 * NB + ch, kstep, s_r, ROWS), axis=1)
-    return c0, c1, c2, c3, scale, qm
-
-
-@triton.jit
-def _tile_scores(c0, c1, c2, c3, k_rows, s_q, qm, own, qk_scale, NB: tl.constexpr,
-                 ASM: tl.constexpr):  # fmt: skip
-    """Scaled scores of the K rows k_rows (2-bit, planar along D) for the rows `own` allows."""
-    packed = tl.load(k_rows[:, None] + tl.arange(0, NB)[None, :])  # [R, NB]
-    qk = tl.dot(c0, tl.trans(_plane(packed, 0, 2, ASM)), out_dtype=tl.int32)
-    qk += tl.dot(c1, tl.trans(_plane(packed, 1, 2, ASM)), out_dtype=tl.int32)
-    qk += tl.dot(c2, tl.trans(_plane(packed, 2, 2, ASM)), out_dtype=tl.int32)
-    qk += tl.dot(c3, tl.trans(_plane(packed, 3, 2, ASM)), out_dtype=tl.int32)
-    s = (s_q[:, None] * qk.to(tl.float32) + qm[:, None]) * qk_scale
-    return tl.where(own, s, -float("inf"))
-
-
-@triton.jit
 def _qk_planes(
     q0, q1, q2, q3, k_rows, sk_ptr, mk_ptr, kstep, s_r,
     ROWS: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
@@ -271,9 +231,8 @@ def kivi_attn_kernel(
     UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     # UNPACK 0: broadcast-load code tiles; 1: joined plane tiles; 2: K by D-planes (no join),
-    # V in joined plane tiles; 3 (2 slots, 2-bit, partition 64): K by D-planes and V by token
-    # planes, nothing joined. ASM: planes by packed PTX (GPU only)
-    TILES: tl.constexpr = 1 if UNPACK >= 2 else UNPACK
+    # V in joined plane tiles. ASM: planes by packed PTX (GPU only)
+    TILES: tl.constexpr = 1 if UNPACK == 2 else UNPACK
     PER: tl.constexpr = 8 // BITS
     NBK: tl.constexpr = D // PER
     pid_m = tl.program_id(0)
@@ -305,7 +264,7 @@ def kivi_attn_kernel(
     qrow = q_ptr + qoff[:, None] + tl.arange(0, NBK)[None, :]
     q0 = tl.load(qrow, mask=row_ok[:, None], other=0.0).to(tl.float32)
     q1, q2, q3 = q0, q0, q0
-    if UNPACK >= 2:
+    if UNPACK == 2:
         q1 = tl.load(qrow + NBK, mask=row_ok[:, None], other=0.0).to(tl.float32)
         if PER == 4:
             q2 = tl.load(qrow + 2 * NBK, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -373,124 +332,54 @@ def kivi_attn_kernel(
         rho = tl.arange(0, SLOTS * PART)
         sig = rho % SLOTS
         tk = _element_of(rho // SLOTS, PART, BITS, TILES)
-        if UNPACK == 3:
-            # No joins at all. Token tile jt (4 of 32 columns each): column b is token
-            # jt * NBT + b % NBT of slot b // NBT, which is plane jt of the two slots' 16-byte V
-            # rows read side by side, so every product takes its operand straight off a shift.
-            NBT: tl.constexpr = PART // 4
-            bcol = tl.arange(0, 2 * NBT)
-            sig_b = bcol // NBT
-            tin = bcol % NBT
-            vrow = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
-            csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch
-            for j0 in range(p_lo, p_hi, SLOTS):
-                pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
-                pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0)
-                pg1 = pg1.to(tl.int64)
-                pg_b = tl.where(sig_b == 0, pg0, pg1)
-                kbase = bk * skm_b + pg0 * skm_p + kvh * skm_h
-                c0, c1, c2, c3, s_q, qm = _fold_q4(
-                    q0, q1, q2, q3, kss_ptr + kbase, km_ptr + kbase, (pg1 - pg0) * skm_p, s_r,
-                    ROWS, NBK, ASM,
+        for j0 in range(p_lo, p_hi, SLOTS):
+            pg_rho = tl.load(bt_ptr + b * sbt_b + j0 + sig, mask=j0 + sig < p_hi, other=0)
+            pg_rho = pg_rho.to(tl.int64)
+            k_rows = kc_ptr + bk * skc_b + pg_rho * skc_p + kvh * skc_h + tk * skc_t
+            # each row's page: slot 0 reads page pg0, slot 1 page pg1 (pg1 - pg0 apart)
+            pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
+            pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
+            kbase = bk * skm_b + pg0 * skm_p + kvh * skm_h
+            if UNPACK == 2:
+                s = _qk_planes(
+                    q0, q1, q2, q3, k_rows, kss_ptr + kbase, km_ptr + kbase,
+                    (pg1 - pg0) * skm_p, s_r, ROWS, NBK, BITS, ASM,
                 )  # fmt: skip
-                own = (sig_b[None, :] == s_r[:, None]) & ((j0 + s_r) < p_hi)[:, None]
-                krow = kc_ptr + bk * skc_b + pg_b * skc_p + kvh * skc_h + tin * skc_t
-                kt = NBT * skc_t
-                s0 = _tile_scores(c0, c1, c2, c3, krow, s_q, qm, own, qk_scale, NBK, ASM)
-                s1 = _tile_scores(c0, c1, c2, c3, krow + kt, s_q, qm, own, qk_scale, NBK, ASM)
-                s2 = _tile_scores(c0, c1, c2, c3, krow + 2 * kt, s_q, qm, own, qk_scale, NBK, ASM)
-                s3 = _tile_scores(c0, c1, c2, c3, krow + 3 * kt, s_q, qm, own, qk_scale, NBK, ASM)
+            else:
+                k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, TILES, ASM)
+                s_k = _rows_pick2(kss_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
+                m_k = _rows_pick2(km_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
+                qf = q.to(tl.float32)
+                c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, ASM)
+                qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
+                s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k, axis=1)[:, None]
+            own = (sig[None, :] == s_r[:, None]) & ((j0 + s_r) < p_hi)[:, None]
+            s = tl.where(own, s * qk_scale, -float("inf"))
 
-                mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
-                mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
-                m_new = tl.maximum(m_i, mx)
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p0 = tl.exp2(s0 - m_safe[:, None])
-                p1 = tl.exp2(s1 - m_safe[:, None])
-                p2 = tl.exp2(s2 - m_safe[:, None])
-                p3 = tl.exp2(s3 - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p0 + p1 + p2 + p3, axis=1)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
 
-                packed_v = tl.load(vrow[:, None] + (pg_b * svc_p + tin)[None, :])  # [D, 2 NBT]
-                vmeta = bk * svm_b + kvh * svm_h + pg_b * svm_p + tin * svm_t
-                vt = NBT * svm_t
-                f0 = p0 * _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)
-                f1 = p1 * _rows_pick(vss_ptr + vmeta + vt, e_r, E, ROWS)
-                f2 = p2 * _rows_pick(vss_ptr + vmeta + 2 * vt, e_r, E, ROWS)
-                f3 = p3 * _rows_pick(vss_ptr + vmeta + 3 * vt, e_r, E, ROWS)
-                amax = tl.maximum(tl.max(f0, axis=1), tl.max(f1, axis=1))
-                amax = tl.maximum(amax, tl.maximum(tl.max(f2, axis=1), tl.max(f3, axis=1)))
-                s_p, inv = _scale_and_inverse(amax, 255.0)
-                invb = tl.broadcast_to(inv[:, None], f0.shape)
-                cp = (_round_half_up(f0, invb, ASM) - 128).to(tl.int8)
-                pv = tl.dot(cp, tl.trans(_plane(packed_v, 0, 2, ASM)), out_dtype=tl.int32)
-                cp = (_round_half_up(f1, invb, ASM) - 128).to(tl.int8)
-                pv += tl.dot(cp, tl.trans(_plane(packed_v, 1, 2, ASM)), out_dtype=tl.int32)
-                cp = (_round_half_up(f2, invb, ASM) - 128).to(tl.int8)
-                pv += tl.dot(cp, tl.trans(_plane(packed_v, 2, 2, ASM)), out_dtype=tl.int32)
-                cp = (_round_half_up(f3, invb, ASM) - 128).to(tl.int8)
-                pv += tl.dot(cp, tl.trans(_plane(packed_v, 3, 2, ASM)), out_dtype=tl.int32)
-                pm = tl.sum(p0 * _rows_pick(vm_ptr + vmeta, e_r, E, ROWS), axis=1)
-                pm += tl.sum(p1 * _rows_pick(vm_ptr + vmeta + vt, e_r, E, ROWS), axis=1)
-                pm += tl.sum(p2 * _rows_pick(vm_ptr + vmeta + 2 * vt, e_r, E, ROWS), axis=1)
-                pm += tl.sum(p3 * _rows_pick(vm_ptr + vmeta + 3 * vt, e_r, E, ROWS), axis=1)
-                # the products cover both slots' tokens, so both column sums enter
-                colsum = tl.load(csbase + pg0 * svs_p).to(tl.float32)
-                colsum += tl.load(csbase + pg1 * svs_p).to(tl.float32)
-                acc = acc * alpha[:, None]
-                acc += s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
-                acc += pm[:, None]
-                m_i = m_new
-        else:
-            for j0 in range(p_lo, p_hi, SLOTS):
-                pg_rho = tl.load(bt_ptr + b * sbt_b + j0 + sig, mask=j0 + sig < p_hi, other=0)
-                pg_rho = pg_rho.to(tl.int64)
-                k_rows = kc_ptr + bk * skc_b + pg_rho * skc_p + kvh * skc_h + tk * skc_t
-                # each row's page: slot 0 reads page pg0, slot 1 page pg1 (pg1 - pg0 apart)
-                pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
-                pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
-                kbase = bk * skm_b + pg0 * skm_p + kvh * skm_h
-                if UNPACK == 2:
-                    s = _qk_planes(
-                        q0, q1, q2, q3, k_rows, kss_ptr + kbase, km_ptr + kbase,
-                        (pg1 - pg0) * skm_p, s_r, ROWS, NBK, BITS, ASM,
-                    )  # fmt: skip
-                else:
-                    k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, TILES, ASM)
-                    s_k = _rows_pick2(kss_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
-                    m_k = _rows_pick2(km_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
-                    qf = q.to(tl.float32)
-                    c_q, s_q = _codes_no_zero_point(qf * s_k, 127.0, ASM)
-                    qk = tl.dot(c_q.to(tl.int8), tl.trans(k_codes), out_dtype=tl.int32)
-                    s = s_q[:, None] * qk.to(tl.float32) + tl.sum(qf * m_k, axis=1)[:, None]
-                own = (sig[None, :] == s_r[:, None]) & ((j0 + s_r) < p_hi)[:, None]
-                s = tl.where(own, s * qk_scale, -float("inf"))
-
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-
-                # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
-                vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
-                v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, TILES, ASM)
-                v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, TILES, ASM)
-                v_codes = tl.reshape(tl.join(v0, v1), (D, SLOTS * PART))
-                # the product covers both tiles whatever the slot, so both column sums enter
-                csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch
-                colsum = tl.load(csbase + pg0 * svs_p).to(tl.float32)
-                colsum += tl.load(csbase + pg1 * svs_p).to(tl.float32)
-                vmeta = bk * svm_b + kvh * svm_h + pg_rho * svm_p + tk * svm_t
-                s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, SLOTS * PART]
-                m_v = _rows_pick(vm_ptr + vmeta, e_r, E, ROWS)
-                c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, ASM)
-                pv = tl.dot((c_p - 128).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
-                acc = acc * alpha[:, None]
-                acc += s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
-                acc += tl.sum(p * m_v, axis=1)[:, None]
-                m_i = m_new
+            # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
+            vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
+            v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, TILES, ASM)
+            v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, TILES, ASM)
+            v_codes = tl.reshape(tl.join(v0, v1), (D, SLOTS * PART))
+            # the product covers both tiles whatever the slot, so both column sums enter
+            csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch
+            colsum = tl.load(csbase + pg0 * svs_p).to(tl.float32)
+            colsum += tl.load(csbase + pg1 * svs_p).to(tl.float32)
+            vmeta = bk * svm_b + kvh * svm_h + pg_rho * svm_p + tk * svm_t
+            s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, SLOTS * PART]
+            m_v = _rows_pick(vm_ptr + vmeta, e_r, E, ROWS)
+            c_p, s_p = _codes_no_zero_point(p * s_v, 255.0, ASM)
+            pv = tl.dot((c_p - 128).to(tl.int8), tl.trans(v_codes), out_dtype=tl.int32)
+            acc = acc * alpha[:, None]
+            acc += s_p[:, None] * (pv.to(tl.float32) + 128.0 * colsum[None, :])
+            acc += tl.sum(p * m_v, axis=1)[:, None]
+            m_i = m_new
 
     # row copy e writes the channels of group e; copy 0 writes m and l
     # (slot s of split k is partial k * SLOTS + s)

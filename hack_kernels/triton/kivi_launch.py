@@ -86,10 +86,8 @@ def run_kivi_attention(
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     # code tiles (kivi_kernel: UNPACK); K by D-planes needs planes of >= 32 channels (the
     # smallest int8 product); packed-PTX plane extraction on the GPU, shifts in the interpreter
-    unpack = int(params.get("UNPACK", 3))
-    if unpack == 3 and not (slots == 2 and bits == 2 and partition == 64):
-        unpack = 2  # token planes: two 16-byte V rows side by side make one 32-token operand
-    launch["UNPACK"] = 1 if unpack >= 2 and d * bits // 8 < 32 else unpack
+    unpack = int(params.get("UNPACK", 2))
+    launch["UNPACK"] = 1 if unpack == 2 and d * bits // 8 < 32 else unpack
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
     launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))
