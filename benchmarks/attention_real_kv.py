@@ -25,10 +25,10 @@ from integrations.capture import capture_qkv  # noqa: E402
 from integrations.model import load_model  # noqa: E402
 
 VARIANTS = [
-    HackConfig(sink_tokens=4),
-    HackConfig(layout="kivi"),
+    HackConfig(layout="paper"),
+    HackConfig(layout="paper", sink_tokens=4),
     HackConfig(layout="kivi", sink_tokens=4),
-    HackConfig(bits=4, sink_tokens=4),
+    HackConfig(bits=4, layout="kivi", sink_tokens=4),
 ]
 
 
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--layers", default="0,10,20,29")
     ap.add_argument("--partition", type=int, default=64)
+    ap.add_argument("--layout", default="kivi", choices=["kivi", "paper"])
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     lm = load_model()
@@ -64,7 +65,7 @@ def main() -> None:
     text = topics.topics["assignment"]
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]
     layers = capture_qkv(lm.model, ids)
-    cfg = HackConfig(partition=args.partition)
+    cfg = HackConfig(partition=args.partition, layout=args.layout)
     rows = []
     for li in (int(x) for x in args.layers.split(",")):
         rec = layers[li]
