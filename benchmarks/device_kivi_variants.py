@@ -94,10 +94,12 @@ def main() -> None:
     # (warps, unpack, waves, slots, min pages a split); a fused merge of the partials by the
     # last program (atomic arrival counter) was measured slower everywhere and removed:
     # attention_h100_kivi_merge_variants.json
-    variants = [(2, 2, 32, 2, 2), (2, 2, 32, 2, 1), (2, 2, 64, 2, 1), (2, 1, 32, 2, 2)]
-    for warps, unpack, waves, slots, minp in variants:
+    # (warps, unpack, waves, slots, min pages a split, register cap)
+    variants = [(2, 2, 32, 2, 2, 0), (2, 2, 32, 2, 2, 168), (2, 2, 32, 2, 2, 128),
+                (4, 2, 32, 2, 2, 128)]  # fmt: skip
+    for warps, unpack, waves, slots, minp, maxnreg in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
-                "UNPACK": unpack, "SLOTS": slots}  # fmt: skip
+                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg}  # fmt: skip
         if True:
             launch.TUNED[key] = conf
             row = {**conf}
@@ -117,7 +119,7 @@ def main() -> None:
                 row["n_spills"] = getattr(ck, "n_spills", None)
                 sass = _sass(ck)
                 if sass:
-                    name = f"sass_w{warps}_u{unpack}_s{slots}_p{minp}.txt"
+                    name = f"sass_w{warps}_u{unpack}_s{slots}_r{maxnreg}.txt"
                     (Path(args.out).parent / name).write_text(sass)
                     row["sass_opcodes"] = _histogram(sass)
             except Exception as e:  # noqa: BLE001 - record the failing variant, go on

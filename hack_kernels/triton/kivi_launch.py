@@ -91,6 +91,8 @@ def run_kivi_attention(
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
     launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))
+    if params.get("maxnreg") and not consts["INTERP"]:
+        launch["maxnreg"] = int(params["maxnreg"])  # register cap: occupancy against spills
     compiled = kivi_attn_kernel[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *o_args, *ml_args,
