@@ -108,95 +108,6 @@ def _quantize_pack_kernel(
     tl.store(cptr, packed.to(tl.uint8), mask=rmask[:, None])
 
 
-@triton.jit
-def _load_sub(x_ptr, base, rmask, g, k, R: tl.constexpr, NBY: tl.constexpr, PART: tl.constexpr,
-              PER: tl.constexpr, N, sxj):  # fmt: skip
-    """Elements k, k + PER, k + 2 PER, ... of group g for every row: [NBY, R] float32 and mask."""
-    j = g * PART + tl.arange(0, NBY) * PER + k
-    mask = (j < N)[:, None] & rmask[None, :]
-    x = tl.load(x_ptr + base[None, :] + j[:, None].to(tl.int64) * sxj, mask=mask, other=0.0)
-    return x.to(tl.float32), mask
-
-
-@triton.jit
-def _code_of(x, mask, m, inv, noise_ptr, noff, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """Codes of one sub-tile, the same operations as _quantize_pack_kernel."""
-    t = (x - m.to(tl.float32)[None, :]) * inv[None, :]
-    t = tl.maximum(t, 0.0)  # t >= 0 already; this keeps t + 0.5 from fusing into an fma
-    if STOCHASTIC:
-        t = t + tl.load(noise_ptr + noff, mask=mask, other=0.0)
-    else:
-        t = t + 0.5
-    q = tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS).to(tl.int32)
-    return tl.where(mask, q, 0)
-
-
-@triton.jit
-def _quantize_pack_cols_kernel(
-    x_ptr, noise_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
-    R1, N, G, sx0, sxj,
-    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_R: tl.constexpr, STOCHASTIC: tl.constexpr,
-    INT: tl.constexpr,
-):  # fmt: skip
-    """_quantize_pack_kernel for groups along a strided axis of contiguous rows (K grouped along
-    tokens, V of the paper layout): each of the PER codes of a byte is its own [bytes, rows] tile,
-    loaded along the contiguous rows, so packing is elementwise with no reshape."""
-    pid_r = tl.program_id(0)
-    g = tl.program_id(1)
-    r0 = tl.program_id(2)
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    PER: tl.constexpr = 8 // BITS
-    NBY: tl.constexpr = PART // PER
-    META: tl.constexpr = mins_ptr.dtype.element_ty
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R1
-    base = r0.to(tl.int64) * sx0 + rows.to(tl.int64)
-    x0, k0 = _load_sub(x_ptr, base, rmask, g, 0, BLOCK_R, NBY, PART, PER, N, sxj)
-    x1, k1, x2, k2, x3, k3 = x0, k0, x0, k0, x0, k0
-    lo = tl.min(tl.where(k0, x0, float("inf")), axis=0)
-    hi = tl.max(tl.where(k0, x0, -float("inf")), axis=0)
-    if PER > 1:
-        x1, k1 = _load_sub(x_ptr, base, rmask, g, 1, BLOCK_R, NBY, PART, PER, N, sxj)
-        lo = tl.minimum(lo, tl.min(tl.where(k1, x1, float("inf")), axis=0))
-        hi = tl.maximum(hi, tl.max(tl.where(k1, x1, -float("inf")), axis=0))
-    if PER > 2:
-        x2, k2 = _load_sub(x_ptr, base, rmask, g, 2, BLOCK_R, NBY, PART, PER, N, sxj)
-        x3, k3 = _load_sub(x_ptr, base, rmask, g, 3, BLOCK_R, NBY, PART, PER, N, sxj)
-        lo = tl.minimum(lo, tl.min(tl.where(k2, x2, float("inf")), axis=0))
-        hi = tl.maximum(hi, tl.max(tl.where(k2, x2, -float("inf")), axis=0))
-        lo = tl.minimum(lo, tl.min(tl.where(k3, x3, float("inf")), axis=0))
-        hi = tl.maximum(hi, tl.max(tl.where(k3, x3, -float("inf")), axis=0))
-    lo = tl.where(rmask, lo, 0.0)
-    hi = tl.where(rmask, hi, 0.0)
-    m = _round_down_meta(lo, META, INT)
-    s = _scale_up_meta(m, hi, LEVELS, META, INT)
-    sf = s.to(tl.float32)
-    inv = tl.where(sf > 0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf), 0.0)
-    # noise is [R0, R1, N] contiguous: element j of row r at (r0 R1 + r) N + j
-    j0 = g * PART + tl.arange(0, NBY) * PER
-    noff = ((r0.to(tl.int64) * R1 + rows) * N)[None, :] + j0[:, None]
-    q = _code_of(x0, k0, m, inv, noise_ptr, noff, LEVELS, STOCHASTIC)
-    packed = q
-    qsum = tl.sum(q, axis=0)
-    if PER > 1:
-        q = _code_of(x1, k1, m, inv, noise_ptr, noff + 1, LEVELS, STOCHASTIC)
-        packed |= q << BITS
-        qsum += tl.sum(q, axis=0)
-    if PER > 2:
-        q = _code_of(x2, k2, m, inv, noise_ptr, noff + 2, LEVELS, STOCHASTIC)
-        packed |= q << (2 * BITS)
-        qsum += tl.sum(q, axis=0)
-        q = _code_of(x3, k3, m, inv, noise_ptr, noff + 3, LEVELS, STOCHASTIC)
-        packed |= q << (3 * BITS)
-        qsum += tl.sum(q, axis=0)
-    grow = (r0.to(tl.int64) * R1 + rows) * G + g
-    tl.store(mins_ptr + grow, m, mask=rmask)
-    tl.store(scales_ptr + grow, s, mask=rmask)
-    tl.store(sums_ptr + grow, qsum.to(sums_ptr.dtype.element_ty), mask=rmask)
-    cptr = codes_ptr + grow[None, :] * NBY + tl.arange(0, NBY)[:, None]
-    tl.store(cptr, packed.to(tl.uint8), mask=rmask[None, :])
-
-
 _INT_OF = {torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float32: tl.int32}
 
 
@@ -250,18 +161,12 @@ def quantize_groups_triton(
         tune = launch_params("quantize", 0, partition)
         block_r = max(1, min(tune["BLOCK_R"], triton.next_power_of_2(r1)))
         grid = (triton.cdiv(r1, block_r), g, r0)
-        common = dict(
-            PART=partition, BITS=bits, BLOCK_R=block_r, STOCHASTIC=rounding == "stochastic",
-            INT=_INT_OF[meta], num_warps=tune["num_warps"],
+        _quantize_pack_kernel[grid](
+            v, noise, codes, mins, scales, sums, r1, n, g, s0, s1, sj,
+            PART=partition, BITS=bits, BLOCK_R=block_r,
+            STOCHASTIC=rounding == "stochastic", INT=_INT_OF[meta],
+            num_warps=tune["num_warps"],
         )  # fmt: skip
-        if s1 == 1 and sj != 1 and tune.get("COLS", True):  # groups across contiguous rows
-            _quantize_pack_cols_kernel[grid](
-                v, noise, codes, mins, scales, sums, r1, n, g, s0, sj, **common
-            )
-        else:
-            _quantize_pack_kernel[grid](
-                v, noise, codes, mins, scales, sums, r1, n, g, s0, s1, sj, **common
-            )
     return QuantizedTensor(
         codes=codes,
         mins=mins,
