@@ -15,8 +15,10 @@ Spending rows on the E copies fills tensor-core rows that decode would pad anywa
 2 groups = 8 of 16 at d128, partition 64) and makes P.V one product per page instead of E.
 The products run on int8 tensor cores (int32 accumulate); colsum is stored with the page. No
 code is ever dequantized. Code tiles are read from planar packing: byte i of a row holds elements
-i, i + n/4, i + n/2, i + 3n/4 (2-bit), so each byte is loaded once per plane with contiguous
-addresses and shifted into place, with no reshape between the load and the tensor cores.
+i, i + n/4, i + n/2, i + 3n/4 (2-bit), so each byte is loaded once and one 32-bit shift-and-mask
+gives four consecutive elements of a plane; a plane is a tensor-core operand as it is (K, one
+product per D-plane) or planes are joined in registers (V, whose 16-token planes are below the
+32 an int8 product needs). Decode runs two pages per iteration in separate row slots.
 Sinks and the 16-bit open page join the same online softmax (attention_kernel._attend16).
 """
 
@@ -26,17 +28,6 @@ import triton
 import triton.language as tl
 
 from .attention_kernel import _pick, _seq_finish, _seq_start
-
-
-@triton.jit
-def _planar_tile(row_ptrs, N: tl.constexpr, BITS: tl.constexpr):
-    """int8 codes [R, N] of R planar-packed rows starting at row_ptrs [R]."""
-    PER: tl.constexpr = 8 // BITS
-    NB: tl.constexpr = N // PER
-    col = tl.arange(0, N)
-    packed = tl.load(row_ptrs[:, None] + (col % NB)[None, :])
-    shift = ((col // NB) * BITS).to(tl.uint8)
-    return ((packed >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.int8)
 
 
 @triton.jit
@@ -94,33 +85,21 @@ def _plane_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, 
 
 
 @triton.jit
-def _column_order(N: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
-    """Element held by each column of a code tile: identity for _planar_tile, for _plane_tile
-    column 4i + 2k + l holds element i + NB (2k + l) (2 bits) and 2i + l holds i + NB l (4 bits)."""
-    return _element_of(tl.arange(0, N), N, BITS, UNPACK)
+def _column_order(N: tl.constexpr, BITS: tl.constexpr):
+    """Element held by each column of a _plane_tile: column 4i + 2k + l holds element
+    i + NB (2k + l) (2 bits), column 2i + l element i + NB l (4 bits)."""
+    return _element_of(tl.arange(0, N), N, BITS)
 
 
 @triton.jit
-def _element_of(col, N: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
+def _element_of(col, N: tl.constexpr, BITS: tl.constexpr):
     """_column_order for given column indices."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = N // PER
-    if UNPACK == 0:
-        return col
-    elif PER == 2:
+    if PER == 2:
         return col // 2 + NB * (col % 2)
     else:
         return col // 4 + NB * (2 * ((col // 2) % 2) + col % 2)
-
-
-@triton.jit
-def _code_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
-               TILES: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """TILES 0: _planar_tile; 1: _plane_tile (planes by packed PTX if ASM)."""
-    if TILES == 0:
-        return _planar_tile(row_ptrs, N, BITS)
-    else:
-        return _plane_tile(row_ptrs, R, N, BITS, ASM)
 
 
 @triton.jit
@@ -230,9 +209,8 @@ def kivi_attn_kernel(
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
     UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
-    # UNPACK 0: broadcast-load code tiles; 1: joined plane tiles; 2: K by D-planes (no join),
-    # V in joined plane tiles. ASM: planes by packed PTX (GPU only)
-    TILES: tl.constexpr = 1 if UNPACK == 2 else UNPACK
+    # UNPACK 1: K and V as plane tiles joined in registers; 2: K by D-planes, one product each
+    # (no join; D / 4 >= 32 channels), V joined. ASM: planes by packed PTX (GPU only)
     PER: tl.constexpr = 8 // BITS
     NBK: tl.constexpr = D // PER
     pid_m = tl.program_id(0)
@@ -256,9 +234,9 @@ def kivi_attn_kernel(
         ks_ptr, vs_ptr, sks_b, sks_h, sks_t, qk_scale, D, PART, ROWS, BLOCK16, CAUSAL, INTERP,
     )  # fmt: skip
 
-    tok = _column_order(PART, BITS, TILES)  # token of each score column
+    tok = _column_order(PART, BITS)  # token of each score column
     dch = tl.arange(0, D)
-    dk = _column_order(D, BITS, TILES)  # channel of each K-operand column
+    dk = _column_order(D, BITS)  # channel of each K-operand column
     q = tl.load(q_ptr + qoff[:, None] + dk[None, :], mask=row_ok[:, None], other=0.0)
     # Q's channels per D-plane (UNPACK 2)
     qrow = q_ptr + qoff[:, None] + tl.arange(0, NBK)[None, :]
@@ -290,7 +268,7 @@ def kivi_attn_kernel(
                     ROWS, NBK, BITS, ASM,
                 )  # fmt: skip
             else:
-                k_codes = _code_tile(k_rows, PART, D, BITS, TILES, ASM)  # [PART, D]
+                k_codes = _plane_tile(k_rows, PART, D, BITS, ASM)  # [PART, D]
                 kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + dk
                 s_k = tl.load(kss_ptr + kmeta).to(tl.float32)
                 m_k = tl.load(km_ptr + kmeta).to(tl.float32)
@@ -311,7 +289,7 @@ def kivi_attn_kernel(
 
             # out = s_p ((c_p - 128) . v_codes + 128 colsum) + P . m_v[:, e], row copy e
             v_rows = vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h + dch * svc_d
-            v_codes = _code_tile(v_rows, D, PART, BITS, TILES, ASM)  # [D, PART]
+            v_codes = _plane_tile(v_rows, D, PART, BITS, ASM)  # [D, PART]
             colsum = tl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + dch).to(tl.float32)
             vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok * svm_t
             s_v = _rows_pick(vss_ptr + vmeta, e_r, E, ROWS)  # [ROWS, PART]: group e_r
@@ -331,7 +309,7 @@ def kivi_attn_kernel(
         # on the other slots' columns, so one P.V product over the stack serves all slots.
         rho = tl.arange(0, SLOTS * PART)
         sig = rho % SLOTS
-        tk = _element_of(rho // SLOTS, PART, BITS, TILES)
+        tk = _element_of(rho // SLOTS, PART, BITS)
         for j0 in range(p_lo, p_hi, SLOTS):
             pg_rho = tl.load(bt_ptr + b * sbt_b + j0 + sig, mask=j0 + sig < p_hi, other=0)
             pg_rho = pg_rho.to(tl.int64)
@@ -346,7 +324,7 @@ def kivi_attn_kernel(
                     (pg1 - pg0) * skm_p, s_r, ROWS, NBK, BITS, ASM,
                 )  # fmt: skip
             else:
-                k_codes = _code_tile(k_rows, SLOTS * PART, D, BITS, TILES, ASM)
+                k_codes = _plane_tile(k_rows, SLOTS * PART, D, BITS, ASM)
                 s_k = _rows_pick2(kss_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
                 m_k = _rows_pick2(km_ptr + kbase + dk, (pg1 - pg0) * skm_p, s_r, ROWS)
                 qf = q.to(tl.float32)
@@ -364,8 +342,8 @@ def kivi_attn_kernel(
 
             # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
             vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
-            v0 = _code_tile(vbase + pg0 * svc_p, D, PART, BITS, TILES, ASM)
-            v1 = _code_tile(vbase + pg1 * svc_p, D, PART, BITS, TILES, ASM)
+            v0 = _plane_tile(vbase + pg0 * svc_p, D, PART, BITS, ASM)
+            v1 = _plane_tile(vbase + pg1 * svc_p, D, PART, BITS, ASM)
             v_codes = tl.reshape(tl.join(v0, v1), (D, SLOTS * PART))
             # the product covers both tiles whatever the slot, so both column sums enter
             csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch

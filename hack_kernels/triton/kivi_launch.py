@@ -86,8 +86,8 @@ def run_kivi_attention(
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     # code tiles (kivi_kernel: UNPACK); K by D-planes needs planes of >= 32 channels (the
     # smallest int8 product); packed-PTX plane extraction on the GPU, shifts in the interpreter
-    unpack = int(params.get("UNPACK", 2))
-    launch["UNPACK"] = 1 if unpack == 2 and d * bits // 8 < 32 else unpack
+    unpack = 2 if int(params.get("UNPACK", 2)) >= 2 and d * bits // 8 >= 32 else 1
+    launch["UNPACK"] = unpack
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
     launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))

@@ -58,7 +58,7 @@ DEFAULTS = {
 # tests flip these to cover every decode kernel under the interpreter
 SLOTS_INTERP = 4
 TRANSPOSED_INTERP = False
-KIVI_UNPACK_INTERP = 2  # kivi_kernel's UNPACK: 0 broadcast tiles, 1 joined planes, 2 K planes
+KIVI_UNPACK_INTERP = 2  # kivi_kernel's UNPACK: 1 joined plane tiles, 2 K by D-planes
 KIVI_SLOTS_INTERP = 1
 
 
