@@ -40,9 +40,9 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -
 
 
 def triton_supports(q: torch.Tensor, qkv: QuantizedKV) -> bool:
-    """Whether hack_kernels.triton's kernel covers this call (CUDA, paper layout, 2/4 bits)."""
+    """Whether hack_kernels.triton's kernels cover this call (CUDA, either layout, 2/4 bits)."""
     cfg = qkv.config
-    return q.is_cuda and cfg.layout == "paper" and cfg.bits in (2, 4) and q.shape[-1] in (64, 128)
+    return q.is_cuda and cfg.bits in (2, 4) and q.shape[-1] in (64, 128)
 
 
 def attend_quantized(q: torch.Tensor, qkv: QuantizedKV, scaling: float) -> torch.Tensor:

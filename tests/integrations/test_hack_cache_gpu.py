@@ -19,8 +19,8 @@ def _tiny_llama():
     return LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
 
 
-@pytest.mark.parametrize("partition", [64, 128])
-def test_triton_path_matches_reference_path(monkeypatch, partition):
+@pytest.mark.parametrize("layout,partition", [("kivi", 64), ("kivi", 128), ("paper", 64)])
+def test_triton_path_matches_reference_path(monkeypatch, layout, partition):
     from hack_integrations import transformers_attention as ta
     from hack_integrations.transformers_cache import HackCache
     from hack_kernels import HackConfig
@@ -30,9 +30,7 @@ def test_triton_path_matches_reference_path(monkeypatch, partition):
     ids = torch.randint(0, 512, (2, 203), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :17] = 0  # left padding on row 1
-    cfg = HackConfig(
-        bits=2, partition=partition, sink_tokens=4, layout="paper"
-    )  # the kernels cover paper
+    cfg = HackConfig(bits=2, partition=partition, sink_tokens=4, layout=layout)
     calls = []
     real = ta.triton_supports
     monkeypatch.setattr(ta, "triton_supports", lambda q, kv: calls.append(real(q, kv)) or calls[-1])
