@@ -262,14 +262,15 @@ def main() -> None:
         "--retune", action="store_true", help="sweep even where tuned_h100.json has an entry"
     )
     ap.add_argument("--layouts", default="kivi,paper", help="comma list; kivi is the default")
+    ap.add_argument("--bits", type=int, default=2, choices=[2, 4])
     args = ap.parse_args()
     rows: list[dict] = []
     copy_tbps = copy_bandwidth()
     print(f"copy bandwidth {copy_tbps:.2f} TB/s (read + written)", flush=True)
     for lay in args.layouts.split(","):
-        cfg = HackConfig(layout=lay)  # 2-bit, partition 64, nearest
+        cfg = HackConfig(layout=lay, bits=args.bits)  # partition 64, nearest
         run_layout(cfg, args, rows, copy_tbps)
-    meta_cfg = HackConfig().to_dict()
+    meta_cfg = HackConfig(bits=args.bits).to_dict()
     write_results(args, rows, meta_cfg)
 
 
