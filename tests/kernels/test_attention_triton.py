@@ -12,10 +12,15 @@ import torch
 
 from hack_kernels import HackConfig, quantize_kv, reference_attention
 from hack_kernels.triton import launch
-from hack_kernels.triton.decode import decode_attention
 from hack_kernels.triton.paged_cache import PagedHackCache
 from hack_kernels.triton.prefill import prefill_attention
-from tests.kernels.helpers import DEVICE, TOL, rel_written
+from tests.kernels.helpers import (
+    DEVICE,
+    TOL,
+    assert_decode_matches,
+    filled_cache,
+    rel_written,
+)
 
 # the interpreter evaluates both sides of where(s > 0, 1 / s, 0)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -102,18 +107,7 @@ def test_decode_matches_reference(case, kernel, monkeypatch):
     gen = torch.Generator().manual_seed(d * 7 + p)
     cfg = HackConfig(partition=p, sink_tokens=sinks, layout="paper")
     n = len(lens)
-    cache = PagedHackCache(cfg, 16, n, hk, d, 8, dtype=dtype, device=DEVICE)
-    qkvs = []
-    for i, t in enumerate(lens):
-        k, v = _kv(gen, 1, hk, t, d, dtype)
-        qkv = quantize_kv(k, v, cfg)
-        cache.load(i, qkv.to(DEVICE))
-        qkvs.append(qkv)
-    for _ in range(3):
-        kn, vn = _kv(gen, n, hk, 1, d, dtype)
-        cache.append(kn.to(DEVICE), vn.to(DEVICE))
-        for i in range(n):
-            qkvs[i].append(kn[i : i + 1], vn[i : i + 1])
+    cache, qkvs = filled_cache(cfg, lens, hk, d, dtype, _kv, gen)
     # closed pages are bit-identical to QuantizedKV.append's groups
     for i in range(n):
         pages = cache._pages[i]
@@ -123,13 +117,7 @@ def test_decode_matches_reference(case, kernel, monkeypatch):
             assert torch.equal(kc.cpu(), qkvs[i].k_q.codes[0].flatten(-2))
             vs = cache.v_scales[pages].permute(1, 2, 0).cpu()
             assert torch.equal(vs, qkvs[i].v_q.scales[0])
-    q = torch.randn(n, hq, 1, d, generator=gen).to(dtype)
-    for splits in (1, 3):
-        out = torch.full((n, hq, 1, d), float("nan"), device=DEVICE)  # float32: no output rounding
-        decode_attention(q.to(DEVICE), cache, num_splits=splits, out=out)
-        for i in range(n):
-            ref = reference_attention(q[i : i + 1], qkvs[i])
-            assert rel_written(out[i : i + 1].float(), ref) <= TOL, (i, splits)
+    assert_decode_matches(cache, qkvs, torch.randn(n, hq, 1, d, generator=gen).to(dtype))
 
 
 def test_decode_stochastic_pages_match_quantize_kv():

@@ -13,11 +13,16 @@ import torch
 
 from hack_kernels import HackConfig, layout, quantize_kv, reference_attention
 from hack_kernels.triton import launch
-from hack_kernels.triton.decode import decode_attention
 from hack_kernels.triton.paged_cache import PagedHackCache, _batch_item
 from hack_kernels.triton.prefill import attend_quantized, prefill_attention
 from tests.core.oracle import np_unpack
-from tests.kernels.helpers import DEVICE, TOL, rel_written
+from tests.kernels.helpers import (
+    DEVICE,
+    TOL,
+    assert_decode_matches,
+    filled_cache,
+    rel_written,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
@@ -133,27 +138,10 @@ def test_kivi_decode_matches_reference(case, unpack, slots, monkeypatch):
     d, p, sinks, lens, hq, hk, dtype, bits = case
     gen = torch.Generator().manual_seed(d * 7 + p + bits)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")
-    n = len(lens)
-    cache = PagedHackCache(cfg, 16, n, hk, d, 8, dtype=dtype, device=DEVICE)
-    qkvs = []
-    for i, t in enumerate(lens):
-        k, v = _kv(gen, 1, hk, t, d, dtype)
-        qkvs.append(quantize_kv(k, v, cfg))
-        cache.load(i, qkvs[i].to(DEVICE))
-    for _ in range(3):
-        kn, vn = _kv(gen, n, hk, 1, d, dtype)
-        cache.append(kn.to(DEVICE), vn.to(DEVICE))
-        for i in range(n):
-            qkvs[i].append(kn[i : i + 1], vn[i : i + 1])
-    for i in range(n):
+    cache, qkvs = filled_cache(cfg, lens, hk, d, dtype, _kv, gen)
+    for i in range(len(lens)):
         _check_pages(cache, i, qkvs[i].k_q, qkvs[i].v_q)
-    q = torch.randn(n, hq, 1, d, generator=gen).to(dtype)
-    for splits in (1, 3):
-        out = torch.full((n, hq, 1, d), float("nan"), device=DEVICE)
-        decode_attention(q.to(DEVICE), cache, num_splits=splits, out=out)
-        for i in range(n):
-            ref = reference_attention(q[i : i + 1], qkvs[i])
-            assert rel_written(out[i : i + 1], ref) <= TOL, (i, splits)
+    assert_decode_matches(cache, qkvs, torch.randn(len(lens), hq, 1, d, generator=gen).to(dtype))
 
 
 def test_kivi_stochastic_pages_match_quantize_kv():
