@@ -95,11 +95,11 @@ def main() -> None:
     # last program (atomic arrival counter) was measured slower everywhere and removed:
     # attention_h100_kivi_merge_variants.json
     # (warps, unpack, waves, slots, min pages a split, register cap)
-    variants = [(2, 2, 32, 2, 2, 0, True), (2, 2, 32, 2, 2, 0, False)]
-    for warps, unpack, waves, slots, minp, maxnreg, early_v in variants:
+    variants = [(2, 2, 32, 2, 2, 0), (2, 2, 32, 2, 2, 168), (2, 2, 32, 2, 2, 128),
+                (4, 2, 32, 2, 2, 128)]  # fmt: skip
+    for warps, unpack, waves, slots, minp, maxnreg in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
-                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg,
-                "EARLY_V": early_v}  # fmt: skip
+                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg}  # fmt: skip
         if True:
             launch.TUNED[key] = conf
             row = {**conf}
@@ -119,7 +119,7 @@ def main() -> None:
                 row["n_spills"] = getattr(ck, "n_spills", None)
                 sass = _sass(ck)
                 if sass:
-                    name = f"sass_w{warps}_u{unpack}_s{slots}_r{maxnreg}_e{int(early_v)}.txt"
+                    name = f"sass_w{warps}_u{unpack}_s{slots}_r{maxnreg}.txt"
                     (Path(args.out).parent / name).write_text(sass)
                     row["sass_opcodes"] = _histogram(sass)
             except Exception as e:  # noqa: BLE001 - record the failing variant, go on

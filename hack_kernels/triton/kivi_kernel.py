@@ -72,17 +72,9 @@ def _plane(packed, J: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
 def _plane_tile(row_ptrs, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """int8 codes [R, N] of R planar-packed rows, each byte loaded once; columns come out in
     _column_order (planes interleaved by joins, which stay in registers)."""
-    NB: tl.constexpr = N * BITS // 8
-    packed = tl.load(row_ptrs[:, None] + tl.arange(0, NB)[None, :])  # [R, NB]
-    return _joined_planes(packed, R, N, BITS, ASM)
-
-
-@triton.jit
-def _joined_planes(packed, R: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
-                   ASM: tl.constexpr):  # fmt: skip
-    """_plane_tile of bytes already loaded ([R, N * BITS / 8] uint8)."""
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = N // PER
+    packed = tl.load(row_ptrs[:, None] + tl.arange(0, NB)[None, :])  # [R, NB]
     if PER == 2:
         x = tl.join(_plane(packed, 0, BITS, ASM), _plane(packed, 1, BITS, ASM))
     else:
@@ -215,7 +207,7 @@ def kivi_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
-    UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr, EARLY_V: tl.constexpr,
+    UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     # UNPACK 1: K and V as plane tiles joined in registers; 2: K by D-planes, one product each
     # (no join; D / 4 >= 32 channels), V joined. ASM: planes by packed PTX (GPU only)
@@ -326,11 +318,6 @@ def kivi_attn_kernel(
             pg0 = tl.load(bt_ptr + b * sbt_b + j0).to(tl.int64)
             pg1 = tl.load(bt_ptr + b * sbt_b + j0 + 1, mask=j0 + 1 < p_hi, other=0).to(tl.int64)
             kbase = bk * skm_b + pg0 * skm_p + kvh * skm_h
-            vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
-            NBV: tl.constexpr = PART * BITS // 8
-            if EARLY_V:  # V's bytes in flight while Q.K^T and the softmax run
-                vb0 = tl.load((vbase + pg0 * svc_p)[:, None] + tl.arange(0, NBV)[None, :])
-                vb1 = tl.load((vbase + pg1 * svc_p)[:, None] + tl.arange(0, NBV)[None, :])
             if UNPACK == 2:
                 s = _qk_planes(
                     q0, q1, q2, q3, k_rows, kss_ptr + kbase, km_ptr + kbase,
@@ -354,12 +341,9 @@ def kivi_attn_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
 
             # V tiles of the slots, joined so that column 2t + s is token t of slot s (SLOTS 2)
-            if EARLY_V:
-                v0 = _joined_planes(vb0, D, PART, BITS, ASM)
-                v1 = _joined_planes(vb1, D, PART, BITS, ASM)
-            else:
-                v0 = _plane_tile(vbase + pg0 * svc_p, D, PART, BITS, ASM)
-                v1 = _plane_tile(vbase + pg1 * svc_p, D, PART, BITS, ASM)
+            vbase = vc_ptr + bk * svc_b + kvh * svc_h + dch * svc_d
+            v0 = _plane_tile(vbase + pg0 * svc_p, D, PART, BITS, ASM)
+            v1 = _plane_tile(vbase + pg1 * svc_p, D, PART, BITS, ASM)
             v_codes = tl.reshape(tl.join(v0, v1), (D, SLOTS * PART))
             # the product covers both tiles whatever the slot, so both column sums enter
             csbase = vcs_ptr + bk * svs_b + kvh * svs_h + dch

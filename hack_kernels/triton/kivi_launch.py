@@ -90,7 +90,6 @@ def run_kivi_attention(
     launch["UNPACK"] = unpack
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
-    launch["EARLY_V"] = bool(params.get("EARLY_V", True))
     launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))
     if params.get("maxnreg") and not consts["INTERP"]:
         launch["maxnreg"] = int(params["maxnreg"])  # register cap: occupancy against spills
