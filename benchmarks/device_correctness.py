@@ -69,7 +69,6 @@ def check_decode(results):
         {"PREFETCH": False, "DOT16": False, "SLOTS": 1},
         {"PREFETCH": True, "DOT16": True, "SLOTS": 1},
         {"PREFETCH": False, "DOT16": False, "SLOTS": 4},
-        {"PREFETCH": False, "DOT16": False, "SLOTS": 1, "TRANSPOSED": True},
     )
     for variant in variants:
         for d, p, _, _ in cases:

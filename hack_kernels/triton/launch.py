@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .attention_kernel import combine_splits_kernel, hack_attn_kernel
-from .decode_kernel import hack_decode_slots_kernel, hack_decode_t_kernel, slots_for
+from .decode_kernel import hack_decode_slots_kernel, slots_for
 
 LOG2E = 1.4426950408889634
 
@@ -57,7 +57,6 @@ DEFAULTS = {
 
 # tests flip these to cover every decode kernel under the interpreter
 SLOTS_INTERP = 4
-TRANSPOSED_INTERP = False
 KIVI_UNPACK_INTERP = 2  # kivi_kernel's UNPACK: 1 joined plane tiles, 2 K by D-planes
 KIVI_SLOTS_INTERP = 1
 
@@ -78,7 +77,6 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "PREFETCH": True,
                 "DOT16": True,
                 "SLOTS": SLOTS_INTERP,
-                "TRANSPOSED": TRANSPOSED_INTERP,
             },  # fmt: skip
             "quantize": {"BLOCK_R": 64},
             "decode_kivi": {
@@ -141,11 +139,6 @@ def run_attention(
     )  # fmt: skip
     launch = {k: v for k, v in params.items() if k in ("num_warps", "num_stages")}
     slots = slots_for(g, int(params.get("SLOTS", 1))) if decode else 1
-    if decode and params.get("TRANSPOSED", False) and g <= 16:
-        return _run_decode_slots(
-            q, out, seq_lens, block_tables, bt_batch_stride, k_codes, k_meta, v_codes, v_meta,
-            sinks, opens, kv_heads, n_sink, num_splits, scale, 1, common, launch, transposed=True,
-        )  # fmt: skip
     if slots > 1:
         return _run_decode_slots(
             q, out, seq_lens, block_tables, bt_batch_stride, k_codes, k_meta, v_codes, v_meta,
@@ -199,7 +192,7 @@ def program_layout(
 
 def _run_decode_slots(
     q, out, seq_lens, block_tables, bt_stride, k_codes, k_meta, v_codes, v_meta, sinks, opens,
-    kv_heads, n_sink, num_splits, scale, slots, common, launch, transposed=False,
+    kv_heads, n_sink, num_splits, scale, slots, common, launch,
 ):  # fmt: skip
     b, hq, _, d = q.shape
     parts = num_splits * slots
@@ -211,14 +204,12 @@ def _run_decode_slots(
     vm, vs, vu, _, vm_p, vm_h, vm_d = v_meta
     common = {k: v for k, v in common.items() if k in ("D", "PART", "BITS", "GW", "INTERP")}
     launch = {k: v for k, v in launch.items() if k in ("num_warps", "num_stages")}
-    kernel = hack_decode_t_kernel if transposed else hack_decode_slots_kernel
-    extra = {} if transposed else {"SLOTS": slots}
-    compiled = kernel[(b * kv_heads, num_splits)](
+    compiled = hack_decode_slots_kernel[(b * kv_heads, num_splits)](
         q, q.stride(0), q.stride(1), part, ml, seq_lens, block_tables, bt_stride,
         kc, kc_p, kc_h, kc_t, km, ks, ku, km_p, km_h, km_t,
         vc, vc_p, vc_h, vc_d, vm, vs, vu, vm_p, vm_h, vm_d,
         *sinks, *opens, n_sink, num_splits, kv_heads, hq, scale,
-        G=hq // kv_heads, **extra, **common, **launch,
+        G=hq // kv_heads, SLOTS=slots, **common, **launch,
     )  # fmt: skip
     LAST_COMPILED[("decode", d, common["PART"])] = compiled
     combine_splits_kernel[(b * hq,)](
