@@ -212,15 +212,18 @@ def prefill_case(model, s, cfg, rows, tune):
 def quantize_case(cfg, copy_tbps, rows, tune):
     k = torch.randn(1, 8, 65536, 128, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
-    key = ("quantize", 0, cfg.partition)
+    kivi = cfg.layout == "kivi"
+    key = ("quantize_kivi", 128, cfg.partition) if kivi else ("quantize", 0, cfg.partition)
+    choices = [{"num_warps": nw} for nw in (2, 4, 8)] if kivi else [
+        {"BLOCK_R": br, "num_warps": 4} for br in (32, 64, 128)
+    ]  # fmt: skip
     best = None
-    for br in (32, 64, 128) if tune else ():
-        for nw in (4,):
-            launch.TUNED[key] = {"BLOCK_R": br, "num_warps": nw}
-            us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False))
-            print(f"    {launch.TUNED[key]}: {us:.1f} us", flush=True)
-            if best is None or us < best[0]:
-                best = (us, dict(launch.TUNED[key]))
+    for choice in choices if tune else ():
+        launch.TUNED[key] = choice
+        us = bench(lambda: quantize_kv_triton(k, v, cfg, validate=False))
+        print(f"    {choice}: {us:.1f} us", flush=True)
+        if best is None or us < best[0]:
+            best = (us, dict(choice))
     if best:
         launch.TUNED[key] = best[1]
         print(f"  tuned {key}: {best[1]} ({best[0]:.1f} us)", flush=True)
@@ -232,7 +235,7 @@ def quantize_case(cfg, copy_tbps, rows, tune):
     else:  # K along tokens, V along head_dim
         us_k = bench(lambda: quantize_groups_triton(k, -2, **args))
         us_v = bench(lambda: quantize_groups_triton(v, -1, **args))
-    print(f"  K alone {us_k:.1f} us, V alone {us_v:.1f} us", flush=True)
+    print(f"  generic kernel: K alone {us_k:.1f} us, V alone {us_v:.1f} us", flush=True)
     qkv = quantize_kv_triton(k, v, cfg, validate=False)
     moved = 2 * k.numel() * 2 + qkv.k_q.nbytes + qkv.v_q.nbytes
     tbps = moved / us / 1e6
@@ -241,7 +244,7 @@ def quantize_case(cfg, copy_tbps, rows, tune):
     copy_same = 2 * 2 * k.numel() * 2 / us_copy / 1e6
     rows.append({
         "kind": "quantize", "layout": cfg.layout, "tokens": 65536, "kv_heads": 8, "head_dim": 128, "us": us,
-        "k_only_us": us_k, "v_only_us": us_v,
+        "generic_k_only_us": us_k, "generic_v_only_us": us_v, "fused_kivi": kivi,
         "tbps_read_plus_written": tbps, "copy_tbps": copy_tbps, "copy_same_tensors_tbps": copy_same,
         "fraction_of_copy": tbps / copy_tbps,
     })  # fmt: skip
@@ -259,6 +262,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune-out", default=None)
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--quantize-only", action="store_true", help="copy and quantize-and-pack only")
     ap.add_argument(
         "--retune", action="store_true", help="sweep even where tuned_h100.json has an entry"
     )
@@ -276,9 +280,14 @@ def main() -> None:
 
 
 def run_layout(cfg: HackConfig, args, rows: list[dict], copy_tbps: float) -> None:
-    quantize_case(
-        cfg, copy_tbps, rows, tune=args.retune or ("quantize", 0, cfg.partition) not in launch.TUNED
+    qkey = (
+        ("quantize_kivi", 128, cfg.partition)
+        if cfg.layout == "kivi"
+        else ("quantize", 0, cfg.partition)
     )
+    quantize_case(cfg, copy_tbps, rows, tune=args.retune or qkey not in launch.TUNED)
+    if args.quantize_only:
+        return
     dkey = "decode_kivi" if cfg.layout == "kivi" else "decode"
     pkey = "prefill_kivi" if cfg.layout == "kivi" else "prefill"
     if args.quick:

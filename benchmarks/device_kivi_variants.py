@@ -87,16 +87,20 @@ def _histogram(sass: str) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="16x32768,1x32768,1x4096,1x1024", help="BATCHxCONTEXT,...")
+    ap.add_argument(
+        "--variants",
+        default="[[2, 2, 32, 2, 2, 0]]",
+        help="JSON list of [warps, unpack, waves, slots, min pages a split, register cap]",
+    )
     args = ap.parse_args()
-    shapes = {(b, c): case(b, c) for b, c in ((16, 32768), (1, 32768), (1, 4096), (1, 1024))}
+    pairs = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = {(b, c): case(b, c) for b, c in pairs}
     rows = []
     key = ("decode_kivi", 128, 64)
-    # (warps, unpack, waves, slots, min pages a split); a fused merge of the partials by the
-    # last program (atomic arrival counter) was measured slower everywhere and removed:
-    # attention_h100_kivi_merge_variants.json
-    # (warps, unpack, waves, slots, min pages a split, register cap)
-    variants = [(2, 2, 32, 2, 2, 0), (2, 2, 32, 2, 2, 168), (2, 2, 32, 2, 2, 128),
-                (4, 2, 32, 2, 2, 128)]  # fmt: skip
+    # a fused merge of the partials by the last program (atomic arrival counter) was measured
+    # slower everywhere and removed: attention_h100_kivi_merge_variants.json
+    variants = json.loads(args.variants)
     for warps, unpack, waves, slots, minp, maxnreg in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
                 "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg}  # fmt: skip

@@ -19,28 +19,8 @@ from ..kv import K_STREAM, V_STREAM, QuantizedKV, _check_kv, open_dtype_for
 from ..quantize import QuantizedTensor, meta_dtype_for
 from ..rng import uniform_noise
 from .launch import launch_params
-
-
-@triton.jit
-def _round_down_meta(v, META: tl.constexpr, INT: tl.constexpr):
-    """v (float32) rounded toward -inf into the metadata dtype."""
-    r = v.to(META)
-    bits = r.to(INT, bitcast=True)
-    down = tl.where(bits < 0, bits + 1, bits - 1).to(META, bitcast=True)
-    return tl.where(r.to(tl.float32) > v, down, r)
-
-
-@triton.jit
-def _scale_up_meta(m, hi, LEVELS: tl.constexpr, META: tl.constexpr, INT: tl.constexpr):
-    """Smallest stored scale s (as quantize._min_and_scale) with m + s * LEVELS >= hi."""
-    mf = m.to(tl.float32)
-    s = tl.div_rn(hi - mf, tl.full(hi.shape, LEVELS, tl.float32)).to(META)  # IEEE division
-    for _ in tl.static_range(3):
-        # max(., 0) keeps the product a separate rounding step (no fused multiply-add), as in torch.
-        top = mf + tl.maximum(s.to(tl.float32) * LEVELS, 0.0)
-        up = (s.to(INT, bitcast=True) + 1).to(META, bitcast=True)
-        s = tl.where(top < hi, up, s)
-    return s
+from .quantize_kivi import kivi_fast_path, quantize_kivi_triton
+from .quantize_math import INT_OF, group_codes, group_min_scale
 
 
 @triton.jit
@@ -79,18 +59,12 @@ def _quantize_pack_kernel(
     hi = tl.max(tl.where(mask, x, -float("inf")), axis=1)
     lo = tl.where(rmask, lo, 0.0)
     hi = tl.where(rmask, hi, 0.0)
-    m = _round_down_meta(lo, META, INT)
-    s = _scale_up_meta(m, hi, LEVELS, META, INT)
-    sf = s.to(tl.float32)
-    inv = tl.where(sf > 0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf), 0.0)
-    t = (x - m.to(tl.float32)[:, None]) * inv[:, None]
-    t = tl.maximum(t, 0.0)  # t >= 0 already; this keeps t + 0.5 from fusing into an fma
+    m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
+    noise = 0.0
     if STOCHASTIC:
         noff = (r0.to(tl.int64) * R1 + rows[:, None]) * N + j[None, :]
-        t = t + tl.load(noise_ptr + noff, mask=mask, other=0.0)
-    else:
-        t = t + 0.5
-    q = tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS).to(tl.int32)
+        noise = tl.load(noise_ptr + noff, mask=mask, other=0.0)
+    q = group_codes(x, m[:, None], inv[:, None], noise, LEVELS, STOCHASTIC)
     q = tl.where(mask, q, 0)
     grow = (r0.to(tl.int64) * R1 + rows) * G + g
     tl.store(mins_ptr + grow, m, mask=rmask)
@@ -106,9 +80,6 @@ def _quantize_pack_kernel(
         cols = tl.arange(0, PART // PER)
     cptr = codes_ptr + grow[:, None] * (PART // PER) + cols[None, :]
     tl.store(cptr, packed.to(tl.uint8), mask=rmask[:, None])
-
-
-_INT_OF = {torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float32: tl.int32}
 
 
 def _as_rows(moved: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int]]:
@@ -164,7 +135,7 @@ def quantize_groups_triton(
         _quantize_pack_kernel[grid](
             v, noise, codes, mins, scales, sums, r1, n, g, s0, s1, sj,
             PART=partition, BITS=bits, BLOCK_R=block_r,
-            STOCHASTIC=rounding == "stochastic", INT=_INT_OF[meta],
+            STOCHASTIC=rounding == "stochastic", INT=INT_OF[meta],
             num_warps=tune["num_warps"],
         )  # fmt: skip
     return QuantizedTensor(
@@ -188,6 +159,11 @@ def _quantize_closed_triton(k, v, config: HackConfig, token_start: int):
     if config.layout == "paper":
         kq = q(k.transpose(-1, -2), -2, stream=K_STREAM, axis_offsets={3: token_start}, **args)
         vq = q(v, -2, stream=V_STREAM, axis_offsets={2: token_start}, **args)
+    elif kivi_fast_path(k.shape[-1], config.partition) and k.stride(-1) == v.stride(-1) == 1:
+        kq, vq = quantize_kivi_triton(
+            k, v, **args, streams=(K_STREAM, V_STREAM), token_start=token_start,
+            num_warps=launch_params("quantize_kivi", k.shape[-1], config.partition)["num_warps"],
+        )  # fmt: skip
     else:
         kq = q(k, -2, stream=K_STREAM, axis_offsets={2: token_start}, **args)
         vq = q(v, -1, stream=V_STREAM, axis_offsets={2: token_start}, **args)

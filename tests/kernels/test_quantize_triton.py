@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from hack_kernels import HackConfig, quantize_kv
+from hack_kernels.kv import K_STREAM, V_STREAM
 from hack_kernels.quantize import dequantize, quantize_groups
 from hack_kernels.triton.quantize import quantize_groups_triton, quantize_kv_triton
+from hack_kernels.triton.quantize_kivi import quantize_kivi_triton
 
 # the interpreter evaluates both sides of where(s > 0, 1 / s, 0)
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -99,3 +101,29 @@ def test_stochastic_matches_torch_and_is_unbiased():
     # and nearest rounding is biased on the same data (the test can fail)
     near = dequantize(quantize_groups(x, -1, 2, 64)).float()
     assert ((near - x.float()).abs() > bound).any()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("head_dim", "partition"), [(64, 32), (128, 64), (64, 128), (32, 32)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding):
+    """The fused kivi K+V kernel against quantize_groups (K along tokens, V along head_dim)."""
+    gen = torch.Generator().manual_seed(bits * 7 + head_dim + partition)
+    dtype = torch.bfloat16 if bits == 4 else torch.float16
+    c = 2 * partition
+    k = _awkward((2, 3, c + 5, head_dim), dtype, gen)[:, :, 5:]  # strided token slice
+    v = _awkward((2, 3, c, head_dim), dtype, gen)
+    args = dict(bits=bits, partition=partition, rounding=rounding, seed=11)
+    kq, vq = quantize_kivi_triton(
+        k.to(DEVICE), v.to(DEVICE), **args, streams=(K_STREAM, V_STREAM), token_start=5
+    )
+    off = {2: 5}
+    _same(quantize_groups(k, -2, **args, stream=K_STREAM, axis_offsets=off), kq)
+    _same(quantize_groups(v, -1, **args, stream=V_STREAM, axis_offsets=off), vq)
+    assert (kq.dim, vq.dim, kq.shape) == (2, 3, tuple(k.shape))
+
+
+def test_kivi_fused_rejects_partial_partition():
+    k = torch.zeros(1, 1, 65, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="tokens 65"):
+        quantize_kivi_triton(k, k, bits=2, partition=64)
