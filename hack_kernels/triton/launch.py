@@ -43,7 +43,7 @@ DEFAULTS = {
     "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False, "DOT16": False},
     "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": False, "DOT16": False},
     "quantize": {"BLOCK_R": 64, "num_warps": 4},
-    "quantize_kivi": {"num_warps": 4},
+    "quantize_kivi": {"BLOCK_D": 64, "k_warps": 4, "BLOCK_T": 32, "v_warps": 4},
     "decode_kivi": {
         "num_warps": 2,
         "num_stages": 1,
@@ -80,7 +80,7 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "SLOTS": SLOTS_INTERP,
             },  # fmt: skip
             "quantize": {"BLOCK_R": 64},
-            "quantize_kivi": {},
+            "quantize_kivi": {"BLOCK_D": 32, "BLOCK_T": 16, "k_warps": 4, "v_warps": 4},
             "decode_kivi": {
                 "waves": 1,
                 "min_pages": 1,

@@ -161,9 +161,8 @@ def _quantize_closed_triton(k, v, config: HackConfig, token_start: int):
         vq = q(v, -2, stream=V_STREAM, axis_offsets={2: token_start}, **args)
     elif kivi_fast_path(k.shape[-1], config.partition) and k.stride(-1) == v.stride(-1) == 1:
         kq, vq = quantize_kivi_triton(
-            k, v, **args, streams=(K_STREAM, V_STREAM), token_start=token_start,
-            num_warps=launch_params("quantize_kivi", k.shape[-1], config.partition)["num_warps"],
-        )  # fmt: skip
+            k, v, **args, streams=(K_STREAM, V_STREAM), token_start=token_start
+        )
     else:
         kq = q(k, -2, stream=K_STREAM, axis_offsets={2: token_start}, **args)
         vq = q(v, -1, stream=V_STREAM, axis_offsets={2: token_start}, **args)

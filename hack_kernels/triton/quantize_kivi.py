@@ -1,14 +1,13 @@
-"""Quantize-and-pack of the kivi layout: K and V of one token partition in one program.
+"""Quantize-and-pack of the kivi layout: K along tokens, V along head_dim, rows read in order.
 
 The kivi layout groups K along tokens (one min and scale per channel and partition) and V along
-head_dim (per token and channel group). The generic kernel (quantize.py) sees K's groups along a
-strided axis; here a program reads the [partition, head_dim] tile of K and of V in memory order
-instead (rows of head_dim contiguous elements), so every load is a full coalesced row:
-- K: the tile is read as 8 // bits sub-tiles of rows j, j + per, ... (per codes to a byte), so
-  the codes that share a byte sit in one thread and packing is elementwise; the per-channel
-  extremes are reductions along rows.
-- V: the tile is read whole; each row splits into channel groups in registers.
-Outputs are exactly the canonical QuantizedTensors of layout.py (same bits as the generic path).
+head_dim (per token and channel group). The generic kernel (quantize.py) reads K's groups along
+a strided axis; these two kernels read both tensors as rows of contiguous channels instead:
+- K: a program takes one token partition of BLOCK_D channels, read as 8 // bits sub-tiles of
+  rows j, j + per, ... (per codes to a byte), so the codes that share a byte sit in one thread
+  and packing is elementwise; the per-channel extremes are reductions along rows.
+- V: a program takes BLOCK_T whole rows; each row splits into channel groups in registers.
+Outputs are exactly the canonical QuantizedTensors of layout.py (the generic path's bits).
 """
 
 from __future__ import annotations
@@ -20,115 +19,123 @@ import triton.language as tl
 from .. import layout
 from ..quantize import QuantizedTensor, meta_dtype_for
 from ..rng import uniform_noise
-from .quantize_math import INT_OF, group_codes, group_min_scale
+from .launch import interpreting, launch_params
+from .quantize_math import INT_OF, group_min_scale, pack_last, unfused_codes
 
 
 @triton.jit
-def _k_rows(x_ptr, n_ptr, base, nbase, t0, k: tl.constexpr, st, D, PER: tl.constexpr,
-            ROWS: tl.constexpr, DP: tl.constexpr, STOCHASTIC: tl.constexpr):  # fmt: skip
-    """Sub-tile k of K's partition: rows t0 + per * i + k, all channels (float32), and noise."""
-    i = tl.arange(0, ROWS)
-    d = tl.arange(0, DP)
-    t = t0 + i * PER + k
-    mask = (d < D)[None, :] & (i >= 0)[:, None]
-    x = tl.load(x_ptr + base + t[:, None].to(tl.int64) * st + d[None, :], mask=mask, other=0.0)
+def _k_rows(x_ptr, n_ptr, rows, d, dmask, st, nbase, D, STOCHASTIC: tl.constexpr):
+    """One sub-tile of K: `rows` (token indices) x channels d, as float32, and its noise."""
+    mask = dmask[None, :] & (rows >= 0)[:, None]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * st + d[None, :], mask=mask, other=0.0)
     noise = 0.0
     if STOCHASTIC:
-        noise = tl.load(n_ptr + nbase + t[:, None].to(tl.int64) * D + d[None, :], mask=mask)
+        noise = tl.load(n_ptr + nbase + rows[:, None].to(tl.int64) * D + d[None, :], mask=mask)
     return x.to(tl.float32), noise
 
 
 @triton.jit
-def _quantize_kivi_kernel(
-    k_ptr, v_ptr, nk_ptr, nv_ptr,
-    kc_ptr, km_ptr, ks_ptr, ksum_ptr,
-    vc_ptr, vm_ptr, vs_ptr, vsum_ptr,
-    H, C, D,
-    skb, skh, skt, svb, svh, svt,
-    PART: tl.constexpr, BITS: tl.constexpr, DP: tl.constexpr, E: tl.constexpr,
-    STOCHASTIC: tl.constexpr, INT: tl.constexpr,
+def _quantize_k_kernel(
+    k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
+    H, C, D, skb, skh, skt,
+    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     g = tl.program_id(0)  # token partition
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    bh = tl.program_id(2)
     LEVELS: tl.constexpr = (1 << BITS) - 1
     PER: tl.constexpr = 8 // BITS
-    ROWS: tl.constexpr = PART // PER
-    META: tl.constexpr = km_ptr.dtype.element_ty
+    ROWS: tl.constexpr = PART // PER  # bytes of one channel's group
+    META: tl.constexpr = mins_ptr.dtype.element_ty
     G = C // PART
-    bh = b * H + h
-    t0 = g * PART
+    dmask = d < D
+    x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
     nbase = bh.to(tl.int64) * C * D
-
-    # ---- K: groups along tokens, one per channel; byte i of channel d holds rows per*i + k.
-    kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    x0, n0 = _k_rows(k_ptr, nk_ptr, kbase, nbase, t0, 0, skt, D, PER, ROWS, DP, STOCHASTIC)
+    rows = g * PART + tl.arange(0, ROWS) * PER  # sub-tile j holds rows + j: bit field j of a byte
+    x0, n0 = _k_rows(x_ptr, nk_ptr, rows, d, dmask, skt, nbase, D, STOCHASTIC)
     x1, n1 = x0, n0
     x2, n2 = x0, n0
     x3, n3 = x0, n0
     if PER >= 2:
-        x1, n1 = _k_rows(k_ptr, nk_ptr, kbase, nbase, t0, 1, skt, D, PER, ROWS, DP, STOCHASTIC)
+        x1, n1 = _k_rows(x_ptr, nk_ptr, rows + 1, d, dmask, skt, nbase, D, STOCHASTIC)
     if PER == 4:
-        x2, n2 = _k_rows(k_ptr, nk_ptr, kbase, nbase, t0, 2, skt, D, PER, ROWS, DP, STOCHASTIC)
-        x3, n3 = _k_rows(k_ptr, nk_ptr, kbase, nbase, t0, 3, skt, D, PER, ROWS, DP, STOCHASTIC)
+        x2, n2 = _k_rows(x_ptr, nk_ptr, rows + 2, d, dmask, skt, nbase, D, STOCHASTIC)
+        x3, n3 = _k_rows(x_ptr, nk_ptr, rows + 3, d, dmask, skt, nbase, D, STOCHASTIC)
     lo = tl.min(tl.minimum(tl.minimum(x0, x1), tl.minimum(x2, x3)), axis=0)
     hi = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
-    q = group_codes(x0, m[None, :], inv[None, :], n0, LEVELS, STOCHASTIC)
+    mf = m.to(tl.float32)[None, :]
+    inv = inv[None, :]
+    q = unfused_codes(x0, mf, inv, n0, LEVELS, STOCHASTIC, ASM)
     packed = q
-    total = tl.sum(q, axis=0)
+    total = q  # summed along rows once, after the sub-tiles
     if PER >= 2:
-        q = group_codes(x1, m[None, :], inv[None, :], n1, LEVELS, STOCHASTIC)
+        q = unfused_codes(x1, mf, inv, n1, LEVELS, STOCHASTIC, ASM)
         packed = packed | (q << BITS)
-        total += tl.sum(q, axis=0)
+        total += q
     if PER == 4:
-        q = group_codes(x2, m[None, :], inv[None, :], n2, LEVELS, STOCHASTIC)
+        q = unfused_codes(x2, mf, inv, n2, LEVELS, STOCHASTIC, ASM)
         packed = packed | (q << 2 * BITS)
-        total += tl.sum(q, axis=0)
-        q = group_codes(x3, m[None, :], inv[None, :], n3, LEVELS, STOCHASTIC)
+        total += q
+        q = unfused_codes(x3, mf, inv, n3, LEVELS, STOCHASTIC, ASM)
         packed = packed | (q << 3 * BITS)
-        total += tl.sum(q, axis=0)
-    d = tl.arange(0, DP)
-    dmask = d < D
-    krow = (bh.to(tl.int64) * D + d) * G + g  # canonical K: [B, H, D, G, ROWS]
-    tl.store(km_ptr + krow, m, mask=dmask)
-    tl.store(ks_ptr + krow, s, mask=dmask)
-    tl.store(ksum_ptr + krow, total.to(ksum_ptr.dtype.element_ty), mask=dmask)
+        total += q
+    total = tl.sum(total, axis=0)
+    grp = (bh.to(tl.int64) * D + d) * G + g  # canonical K: [B, H, D, G, ROWS]
+    tl.store(mins_ptr + grp, m, mask=dmask)
+    tl.store(scales_ptr + grp, s, mask=dmask)
+    tl.store(sums_ptr + grp, total.to(sums_ptr.dtype.element_ty), mask=dmask)
     i = tl.arange(0, ROWS)
-    tl.store(kc_ptr + krow[None, :] * ROWS + i[:, None], packed.to(tl.uint8), mask=dmask[None, :])
+    tl.store(codes_ptr + grp[None, :] * ROWS + i[:, None], packed.to(tl.uint8), mask=dmask[None, :])
 
-    # ---- V: groups along head_dim, E per token; the row is contiguous in the canonical codes.
-    t = t0 + tl.arange(0, PART)
-    mask = (d < D)[None, :] & (t >= 0)[:, None]
-    vptr = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh + t[:, None].to(tl.int64) * svt
-    x = tl.load(vptr + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    x3 = tl.reshape(x, (PART, E, PART))
-    m3 = tl.reshape(mask, (PART, E, PART))
+
+@triton.jit
+def _quantize_v_kernel(
+    v_ptr, nv_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
+    H, C, D, svb, svh, svt,
+    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, E: tl.constexpr,
+    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    bh = tl.program_id(1)
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = E * PART  # a row's groups, padding included
+    META: tl.constexpr = mins_ptr.dtype.element_ty
+    d = tl.arange(0, DP)
+    mask = (d < D)[None, :] & (t < C)[:, None]
+    x_ptr = v_ptr + (bh // H).to(tl.int64) * svb + (bh % H).to(tl.int64) * svh
+    x = tl.load(x_ptr + t[:, None].to(tl.int64) * svt + d[None, :], mask=mask, other=0.0)
+    x3 = tl.reshape(x.to(tl.float32), (BLOCK_T, E, PART))
+    m3 = tl.reshape(mask, (BLOCK_T, E, PART))
     lo = tl.min(tl.where(m3, x3, float("inf")), axis=2)
     hi = tl.max(tl.where(m3, x3, -float("inf")), axis=2)
+    lo = tl.where(lo == float("inf"), 0.0, lo)  # rows past C
+    hi = tl.where(hi == -float("inf"), 0.0, hi)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
     noise = 0.0
     if STOCHASTIC:
-        nptr = nv_ptr + nbase + t[:, None].to(tl.int64) * D + d[None, :]
-        noise = tl.reshape(tl.load(nptr, mask=mask, other=0.0), (PART, E, PART))
-    q3 = group_codes(x3, m[:, :, None], inv[:, :, None], noise, LEVELS, STOCHASTIC)
+        nptr = nv_ptr + (bh.to(tl.int64) * C + t[:, None]) * D + d[None, :]
+        noise = tl.reshape(tl.load(nptr, mask=mask, other=0.0), (BLOCK_T, E, PART))
+    q3 = unfused_codes(x3, m.to(tl.float32)[:, :, None], inv[:, :, None], noise, LEVELS,
+                       STOCHASTIC, ASM)  # fmt: skip
     q3 = tl.where(m3, q3, 0)  # padding of a short last group is code 0
-    vrow = (bh.to(tl.int64) * C + t) * E  # canonical V: [B, H, C, E, ROWS]
-    e = tl.arange(0, E)
-    vgrp = vrow[:, None] + e[None, :]
-    tl.store(vm_ptr + vgrp, m)
-    tl.store(vs_ptr + vgrp, s)
-    tl.store(vsum_ptr + vgrp, tl.sum(q3, axis=2).to(vsum_ptr.dtype.element_ty))
-    q = tl.reshape(q3, (PART, DP))
-    if PER > 1:
-        shifts = tl.arange(0, PER) * BITS
-        q = tl.sum(tl.reshape(q, (PART, DP // PER, PER)) << shifts[None, None, :], axis=2)
+    row = bh.to(tl.int64) * C + t  # canonical V: [B, H, C, E, PART // PER]
+    grp = row[:, None] * E + tl.arange(0, E)[None, :]
+    tmask = (t < C)[:, None]
+    tl.store(mins_ptr + grp, m, mask=tmask)
+    tl.store(scales_ptr + grp, s, mask=tmask)
+    tl.store(sums_ptr + grp, tl.sum(q3, axis=2).to(sums_ptr.dtype.element_ty), mask=tmask)
+    packed = pack_last(tl.reshape(q3, (BLOCK_T, DP)), BLOCK_T, DP, BITS)
     cols = tl.arange(0, DP // PER)
-    tl.store(vc_ptr + vrow[:, None] * ROWS + cols[None, :], q.to(tl.uint8))
+    tl.store(
+        codes_ptr + row[:, None] * (DP // PER) + cols[None, :], packed.to(tl.uint8), mask=tmask
+    )
 
 
 def kivi_fast_path(head_dim: int, partition: int) -> bool:
-    """Shapes the fused kernel takes: the channel groups of a row tile a power of two."""
+    """Shapes the kivi kernels take: a row's channel groups tile a power of two."""
     groups = layout.num_groups(head_dim, partition)
     return triton.next_power_of_2(groups * partition) == groups * partition <= 256
 
@@ -145,6 +152,65 @@ def _empty(lead, groups, bits, partition, meta, device) -> dict[str, torch.Tenso
     )
 
 
+def _launch_common(x: torch.Tensor, bits: int, partition: int, rounding: str) -> dict:
+    c, d = x.shape[2:]
+    if c % partition or not kivi_fast_path(d, partition) or x.stride(-1) != 1:
+        raise ValueError(f"kivi fast path: tokens {c} / head_dim {d} / partition {partition}")
+    return dict(
+        PART=partition, BITS=bits, STOCHASTIC=rounding == "stochastic",
+        INT=INT_OF[meta_dtype_for(x.dtype)], ASM=not interpreting(), enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def _noise(x, rounding, seed, stream, token_start) -> torch.Tensor:
+    if rounding != "stochastic":
+        return x  # unused placeholder pointer
+    return uniform_noise(list(x.shape), seed, stream, x.device, {2: token_start})
+
+
+def quantize_k_tokens(
+    k: torch.Tensor, bits: int, partition: int, rounding: str = "nearest", seed: int = 0,
+    stream: int = 0, token_start: int = 0,
+) -> QuantizedTensor:  # fmt: skip
+    """K [B, H, C, D] grouped along tokens: quantize_groups_triton(k, -2, ...)'s result."""
+    common = _launch_common(k, bits, partition, rounding)
+    bsz, heads, c, d = k.shape
+    kq = _empty((bsz, heads, d), c // partition, bits, partition, meta_dtype_for(k.dtype), k.device)
+    if k.numel():
+        tune = launch_params("quantize_kivi", d, partition)
+        block_d = min(tune["BLOCK_D"], triton.next_power_of_2(d))
+        _quantize_k_kernel[(c // partition, triton.cdiv(d, block_d), bsz * heads)](
+            k, _noise(k, rounding, seed, stream, token_start),
+            kq["codes"], kq["mins"], kq["scales"], kq["sums"],
+            heads, c, d, k.stride(0), k.stride(1), k.stride(2),
+            BLOCK_D=block_d, num_warps=tune["k_warps"], **common,
+        )  # fmt: skip
+    return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
+                           dtype=k.dtype)  # fmt: skip
+
+
+def quantize_v_rows(
+    v: torch.Tensor, bits: int, partition: int, rounding: str = "nearest", seed: int = 0,
+    stream: int = 0, token_start: int = 0,
+) -> QuantizedTensor:  # fmt: skip
+    """V [B, H, C, D] grouped along head_dim: quantize_groups_triton(v, -1, ...)'s result."""
+    common = _launch_common(v, bits, partition, rounding)
+    bsz, heads, c, d = v.shape
+    e = layout.num_groups(d, partition)
+    vq = _empty((bsz, heads, c), e, bits, partition, meta_dtype_for(v.dtype), v.device)
+    if v.numel():
+        tune = launch_params("quantize_kivi", d, partition)
+        block_t = tune["BLOCK_T"]
+        _quantize_v_kernel[(triton.cdiv(c, block_t), bsz * heads)](
+            v, _noise(v, rounding, seed, stream, token_start),
+            vq["codes"], vq["mins"], vq["scales"], vq["sums"],
+            heads, c, d, v.stride(0), v.stride(1), v.stride(2),
+            BLOCK_T=block_t, E=e, num_warps=tune["v_warps"], **common,
+        )  # fmt: skip
+    return QuantizedTensor(**vq, shape=tuple(v.shape), dim=3, bits=bits, partition=partition,
+                           dtype=v.dtype)  # fmt: skip
+
+
 def quantize_kivi_triton(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -154,32 +220,12 @@ def quantize_kivi_triton(
     seed: int = 0,
     streams: tuple[int, int] = (0, 0),
     token_start: int = 0,
-    num_warps: int = 4,
 ) -> tuple[QuantizedTensor, QuantizedTensor]:
     """K [B, H, C, D] along tokens and V along head_dim, C a whole number of partitions; the same
     QuantizedTensors as quantize_groups_triton(k, -2, ...) and (v, -1, ...). head_dim must pass
     kivi_fast_path and be contiguous."""
-    bsz, heads, c, d = k.shape
-    if c % partition or not kivi_fast_path(d, partition) or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError(f"kivi fast path: tokens {c} / head_dim {d} / partition {partition}")
-    meta = meta_dtype_for(k.dtype)
-    e = layout.num_groups(d, partition)
-    kq = _empty((bsz, heads, d), c // partition, bits, partition, meta, k.device)
-    vq = _empty((bsz, heads, c), e, bits, partition, meta, k.device)
-    if k.numel():
-        nk = nv = k  # unused placeholder pointers
-        if rounding == "stochastic":
-            offs = {2: token_start}
-            nk = uniform_noise(list(k.shape), seed, streams[0], k.device, offs)
-            nv = uniform_noise(list(v.shape), seed, streams[1], k.device, offs)
-        _quantize_kivi_kernel[(c // partition, heads, bsz)](
-            k, v, nk, nv,
-            kq["codes"], kq["mins"], kq["scales"], kq["sums"],
-            vq["codes"], vq["mins"], vq["scales"], vq["sums"],
-            heads, c, d,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            PART=partition, BITS=bits, DP=e * partition, E=e,
-            STOCHASTIC=rounding == "stochastic", INT=INT_OF[meta], num_warps=num_warps,
-        )  # fmt: skip
-    common = dict(shape=tuple(k.shape), bits=bits, partition=partition, dtype=k.dtype)
-    return QuantizedTensor(**kq, dim=2, **common), QuantizedTensor(**vq, dim=3, **common)
+    args = dict(bits=bits, partition=partition, rounding=rounding, seed=seed)
+    return (
+        quantize_k_tokens(k, **args, stream=streams[0], token_start=token_start),
+        quantize_v_rows(v, **args, stream=streams[1], token_start=token_start),
+    )

@@ -56,3 +56,47 @@ def group_codes(x, m, inv, noise, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr
     else:
         t = t + 0.5
     return tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS).to(tl.int32)
+
+
+@triton.jit
+def floor_codes(y, LEVELS: tl.constexpr, ASM: tl.constexpr):
+    """min(floor(y), LEVELS) as int32 for 0 <= y < 2^23. On the GPU one add rounded toward -inf
+    puts floor(y) in the low mantissa bits of y + 2^23 (floor and float-to-int conversions run
+    at a quarter of the add rate)."""
+    if ASM:
+        r = tl.inline_asm_elementwise(
+            "add.rm.f32 $0, $1, 0f4B000000;", "=r,r", [y], dtype=tl.float32, is_pure=True, pack=1
+        )
+        q = r.to(tl.int32, bitcast=True) - 0x4B000000
+    else:
+        q = tl.floor(y).to(tl.int32)
+    return tl.minimum(q, LEVELS)
+
+
+@triton.jit
+def pack_last(q, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes q [ROWS, N] -> [ROWS, N * BITS // 8] packed little-endian along the last axis
+    (layout.py's bit order). tl.split keeps the codes of a byte in one thread."""
+    if BITS == 8:
+        return q
+    elif BITS == 4:
+        a, b = tl.split(tl.reshape(q, (ROWS, N // 2, 2)))
+        return a | (b << 4)
+    else:
+        a, b = tl.split(tl.reshape(q, (ROWS, N // 4, 2, 2)))  # codes 4j + 2u and 4j + 2u + 1
+        c, e = tl.split(a | (b << 2))  # u = 0: codes 4j, 4j + 1; u = 1: 4j + 2, 4j + 3
+        return c | (e << 4)
+
+
+@triton.jit
+def unfused_codes(
+    x, m, inv, noise, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr, ASM: tl.constexpr
+):
+    """group_codes for kernels launched with enable_fp_fusion=False (the subtract, multiply and
+    add round apart, as in torch), with floor_codes' conversion."""
+    t = (x - m) * inv
+    if STOCHASTIC:
+        t = t + noise
+    else:
+        t = t + 0.5
+    return floor_codes(t, LEVELS, ASM)
