@@ -25,13 +25,13 @@ from .quantize_math import INT_OF, group_min_scale, pack_last, unfused_codes
 
 @triton.jit
 def _k_rows(x_ptr, n_ptr, rows, d, dmask, st, nbase, D, STOCHASTIC: tl.constexpr):
-    """One sub-tile of K: `rows` (token indices) x channels d, as float32, and its noise."""
+    """One sub-tile of K: `rows` (token indices) x channels d, and its noise."""
     mask = dmask[None, :] & (rows >= 0)[:, None]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * st + d[None, :], mask=mask, other=0.0)
     noise = 0.0
     if STOCHASTIC:
         noise = tl.load(n_ptr + nbase + rows[:, None].to(tl.int64) * D + d[None, :], mask=mask)
-    return x.to(tl.float32), noise
+    return x, noise
 
 
 @triton.jit
@@ -62,8 +62,10 @@ def _quantize_k_kernel(
     if PER == 4:
         x2, n2 = _k_rows(x_ptr, nk_ptr, rows + 2, d, dmask, skt, nbase, D, STOCHASTIC)
         x3, n3 = _k_rows(x_ptr, nk_ptr, rows + 3, d, dmask, skt, nbase, D, STOCHASTIC)
-    lo = tl.min(tl.minimum(tl.minimum(x0, x1), tl.minimum(x2, x3)), axis=0)
-    hi = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0)
+    # extremes in the input dtype (exact), two to an instruction; masked channels read 0
+    lo = tl.min(tl.minimum(tl.minimum(x0, x1), tl.minimum(x2, x3)), axis=0).to(tl.float32)
+    hi = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0).to(tl.float32)
+    x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
     mf = m.to(tl.float32)[None, :]
     inv = inv[None, :]
@@ -95,7 +97,7 @@ def _quantize_v_kernel(
     v_ptr, nv_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
     H, C, D, svb, svh, svt,
     PART: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, E: tl.constexpr,
-    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
+    EVEN: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     bh = tl.program_id(1)
@@ -104,34 +106,34 @@ def _quantize_v_kernel(
     DP: tl.constexpr = E * PART  # a row's groups, padding included
     META: tl.constexpr = mins_ptr.dtype.element_ty
     d = tl.arange(0, DP)
-    mask = (d < D)[None, :] & (t < C)[:, None]
+    mask = (d < D)[None, :] & (t >= 0)[:, None]  # BLOCK_T divides C: every row is whole
     x_ptr = v_ptr + (bh // H).to(tl.int64) * svb + (bh % H).to(tl.int64) * svh
-    x = tl.load(x_ptr + t[:, None].to(tl.int64) * svt + d[None, :], mask=mask, other=0.0)
-    x3 = tl.reshape(x.to(tl.float32), (BLOCK_T, E, PART))
+    xh = tl.load(x_ptr + t[:, None].to(tl.int64) * svt + d[None, :], mask=mask, other=0.0)
+    x3h = tl.reshape(xh, (BLOCK_T, E, PART))
     m3 = tl.reshape(mask, (BLOCK_T, E, PART))
-    lo = tl.min(tl.where(m3, x3, float("inf")), axis=2)
-    hi = tl.max(tl.where(m3, x3, -float("inf")), axis=2)
-    lo = tl.where(lo == float("inf"), 0.0, lo)  # rows past C
-    hi = tl.where(hi == -float("inf"), 0.0, hi)
+    if EVEN:  # extremes in the input dtype (exact), two to an instruction
+        lo = tl.min(x3h, axis=2).to(tl.float32)
+        hi = tl.max(x3h, axis=2).to(tl.float32)
+    else:
+        lo = tl.min(tl.where(m3, x3h, float("inf")), axis=2).to(tl.float32)
+        hi = tl.max(tl.where(m3, x3h, -float("inf")), axis=2).to(tl.float32)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
     noise = 0.0
     if STOCHASTIC:
         nptr = nv_ptr + (bh.to(tl.int64) * C + t[:, None]) * D + d[None, :]
         noise = tl.reshape(tl.load(nptr, mask=mask, other=0.0), (BLOCK_T, E, PART))
-    q3 = unfused_codes(x3, m.to(tl.float32)[:, :, None], inv[:, :, None], noise, LEVELS,
-                       STOCHASTIC, ASM)  # fmt: skip
-    q3 = tl.where(m3, q3, 0)  # padding of a short last group is code 0
+    q3 = unfused_codes(x3h.to(tl.float32), m.to(tl.float32)[:, :, None], inv[:, :, None], noise,
+                       LEVELS, STOCHASTIC, ASM)  # fmt: skip
+    if not EVEN:
+        q3 = tl.where(m3, q3, 0)  # padding of a short last group is code 0
     row = bh.to(tl.int64) * C + t  # canonical V: [B, H, C, E, PART // PER]
     grp = row[:, None] * E + tl.arange(0, E)[None, :]
-    tmask = (t < C)[:, None]
-    tl.store(mins_ptr + grp, m, mask=tmask)
-    tl.store(scales_ptr + grp, s, mask=tmask)
-    tl.store(sums_ptr + grp, tl.sum(q3, axis=2).to(sums_ptr.dtype.element_ty), mask=tmask)
+    tl.store(mins_ptr + grp, m)
+    tl.store(scales_ptr + grp, s)
+    tl.store(sums_ptr + grp, tl.sum(q3, axis=2).to(sums_ptr.dtype.element_ty))
     packed = pack_last(tl.reshape(q3, (BLOCK_T, DP)), BLOCK_T, DP, BITS)
     cols = tl.arange(0, DP // PER)
-    tl.store(
-        codes_ptr + row[:, None] * (DP // PER) + cols[None, :], packed.to(tl.uint8), mask=tmask
-    )
+    tl.store(codes_ptr + row[:, None] * (DP // PER) + cols[None, :], packed.to(tl.uint8))
 
 
 def kivi_fast_path(head_dim: int, partition: int) -> bool:
@@ -205,7 +207,7 @@ def quantize_v_rows(
             v, _noise(v, rounding, seed, stream, token_start),
             vq["codes"], vq["mins"], vq["scales"], vq["sums"],
             heads, c, d, v.stride(0), v.stride(1), v.stride(2),
-            BLOCK_T=block_t, E=e, num_warps=tune["v_warps"], **common,
+            BLOCK_T=block_t, E=e, EVEN=d == e * partition, num_warps=tune["v_warps"], **common,
         )  # fmt: skip
     return QuantizedTensor(**vq, shape=tuple(v.shape), dim=3, bits=bits, partition=partition,
                            dtype=v.dtype)  # fmt: skip
