@@ -115,8 +115,8 @@ def _quantize_v_kernel(
         lo = tl.min(x3h, axis=2).to(tl.float32)
         hi = tl.max(x3h, axis=2).to(tl.float32)
     else:
-        lo = tl.min(tl.where(m3, x3h, float("inf")), axis=2).to(tl.float32)
-        hi = tl.max(tl.where(m3, x3h, -float("inf")), axis=2).to(tl.float32)
+        lo = tl.min(tl.where(m3, x3h.to(tl.float32), float("inf")), axis=2)
+        hi = tl.max(tl.where(m3, x3h.to(tl.float32), -float("inf")), axis=2)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
     noise = 0.0
     if STOCHASTIC:
