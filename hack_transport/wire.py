@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import mmap
 import struct
 import warnings
@@ -651,7 +652,7 @@ def parse_prefix(data: bytes | memoryview, limits: Limits = Limits()) -> tuple[i
 
 
 def _int(v: object, what: str, lo: int = 0, hi: int = _MAX_DIM) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+    if type(v) is not int or not lo <= v <= hi:  # bool is not int here
         raise FrameError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}", "header")
     return v
 
@@ -666,6 +667,18 @@ def _range(v: object, what: str) -> tuple[int, int]:
 
 
 def _codec(d: object, dtype: torch.dtype) -> HackConfig | None:
+    try:  # every frame of a transfer names the same codec: validate each distinct one once
+        return _codec_cached(tuple(d.items()), dtype)
+    except (TypeError, AttributeError):  # not a map, or an unhashable value: say what is wrong
+        return _codec_checked(d, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _codec_cached(items: tuple, dtype: torch.dtype) -> HackConfig | None:
+    return _codec_checked(dict(items), dtype)
+
+
+def _codec_checked(d: object, dtype: torch.dtype) -> HackConfig | None:
     if not isinstance(d, dict) or "name" not in d:
         raise FrameError(f"codec must be a map with a name, got {d!r}", "header")
     if d["name"] == CODEC_RAW16:
@@ -781,10 +794,19 @@ def parse_header(
             raise FrameError(f"dtype {row[1]!r}, the codec needs {_DTYPE_NAMES[dt]}", name)
         if not isinstance(row[2], list) or len(row[2]) > limits.max_rank or tuple(row[2]) != shape:
             raise FrameError(f"shape {row[2]!r}, the header's geometry needs {list(shape)}", name)
-        offset = _int(row[3], f"{name} offset")
-        length = _int(row[4], f"{name} length")
-        checksum = _int(row[5], f"{name} checksum", 0, (1 << 64) - 1)
-        need = torch.Size(shape).numel() * dt.itemsize
+        offset, length, checksum = row[3], row[4], row[5]
+        if not (
+            type(offset) is int
+            and type(length) is int
+            and type(checksum) is int
+            and 0 <= offset <= _MAX_DIM
+            and 0 <= length <= _MAX_DIM
+            and 0 <= checksum < 1 << 64
+        ):  # the common case without formatting three messages; the slow path says which
+            _int(offset, f"{name} offset")
+            _int(length, f"{name} length")
+            _int(checksum, f"{name} checksum", 0, (1 << 64) - 1)
+        need = math.prod(shape) * dt.itemsize
         if length != need:
             raise FrameError(f"length {length}, shape {list(shape)} of {row[1]} needs {need}", name)
         if offset < end or offset % ALIGN or offset + length > payload_len:
@@ -887,7 +909,7 @@ class PayloadVerifier:
     def block(self) -> Block:
         self.advance(self.header.payload_len)
         header = self.header
-        whole = None
+        typed = {}  # the payload as each dtype once; every tensor is a strided view of one
         if header.payload_len:
             with warnings.catch_warnings():  # read-only buffers (bytes) are fine: not written
                 warnings.simplefilter("ignore", UserWarning)
@@ -896,14 +918,27 @@ class PayloadVerifier:
         for e in header.entries:
             if e.length == 0:
                 tensors[e.name] = torch.empty(e.shape, dtype=e.dtype)
-            else:
-                t = whole[e.offset : e.offset + e.length]
-                tensors[e.name] = t.view(e.dtype).reshape(e.shape)
+                continue
+            size = e.dtype.itemsize  # offsets are 8-aligned and lengths whole elements
+            base = typed.get(e.dtype)
+            if base is None:
+                base = typed[e.dtype] = whole[: len(whole) // size * size].view(e.dtype)
+            tensors[e.name] = base.as_strided(e.shape, _strides(e.shape), e.offset // size)
         block = Block(tensors=tensors, **{name: getattr(header, name) for name in _SHARED})
         for e in header.entries:  # verified above: a resend or store write reuses them
             t = tensors[e.name]
             block._checksums[e.name] = (t.data_ptr(), t._version, e.checksum)
         return block
+
+
+@functools.lru_cache(maxsize=256)
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Contiguous strides of `shape` (in elements)."""
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
 
 
 _SHARED = [f.name for f in dataclasses.fields(Block) if f.init and f.name != "tensors"]
