@@ -31,6 +31,7 @@ import torch
 from hack_kernels import HackConfig, quantize_kv
 
 from . import wire
+from .bufpool import PayloadPool
 from .transports import make_receiver, make_sender
 from .transports.tcp import tune
 
@@ -252,8 +253,8 @@ def build_payloads(
 
 def _raw_serve(receive: Callable[[socket.socket, list[int]], list | None] | None = None) -> None:
     """The baseline receiver: the same bytes into the same kind of memory as the transports'
-    receivers (`receive`, by default a fresh wire.alloc_payload buffer per frame, all kept until
-    after the acknowledgement), with no parsing and no checksums."""
+    receivers (`receive`, by default a buffer per frame from a PayloadPool, all kept until after
+    the acknowledgement, then back to the pool), with no parsing and no checksums."""
     receive = receive or _receive_per_frame
     lsock = socket.create_server(("127.0.0.1", 0))
     print(f"PORT {lsock.getsockname()[1]}", flush=True)
@@ -274,10 +275,15 @@ def _raw_serve(receive: Callable[[socket.socket, list[int]], list | None] | None
             del kept
 
 
-def _receive_per_frame(conn: socket.socket, sizes: list[int]) -> list | None:
+_RAW_POOL = PayloadPool()
+
+
+def _receive_per_frame(
+    conn: socket.socket, sizes: list[int], alloc: Callable[[int], memoryview] = _RAW_POOL.acquire
+) -> list | None:
     kept = []
     for n in sizes:
-        kept.append(wire.alloc_payload(n))
+        kept.append(alloc(n))
         if not _recv_exact(conn, kept[-1]):
             return None
     return kept

@@ -20,10 +20,12 @@ class FrameAssembler:
         limits: TransferLimits,
         expect_model: wire.ModelIdentity | None,
         on_alloc: Callable[[int], None] = lambda n: None,
+        alloc: Callable[[int], memoryview] = wire.alloc_payload,
     ):
         self.limits = limits
         self.expect_model = expect_model
         self.on_alloc = on_alloc
+        self.alloc = alloc  # a payload buffer of n bytes; every byte is overwritten by the stream
         self.blocks: list[wire.Block] = []
         self.held = 0
         self._small = bytearray()  # prefix or header being gathered
@@ -70,7 +72,7 @@ class FrameAssembler:
                 f"transfer exceeds {self.limits.max_transfer_bytes} bytes", "payload"
             )
         self._header, self._small = header, bytearray()
-        self._payload, self._filled = wire.alloc_payload(header.payload_len), 0
+        self._payload, self._filled = self.alloc(header.payload_len), 0
         self._verifier = wire.PayloadVerifier(header, self._payload)
         self.held += header.payload_len
         self.on_alloc(header.payload_len)

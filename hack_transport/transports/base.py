@@ -27,6 +27,7 @@ from typing import Protocol, TypeVar
 import msgpack
 
 from .. import wire
+from ..bufpool import PayloadPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -307,8 +308,8 @@ def token_ok(expected: str | None, given: object) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-SLICE = 4 << 20  # a stream channel reports progress at least this often inside a large run
-VERIFY_BATCH = 2 << 20  # bytes verified at a time while a payload arrives (and at its end)
+SLICE = 1 << 20  # a stream channel reports progress at least this often inside a large run
+VERIFY_BATCH = 1 << 20  # bytes verified at a time while a payload arrives (and at its end)
 
 
 class KVReceiver(abc.ABC):
@@ -316,7 +317,8 @@ class KVReceiver(abc.ABC):
 
     commit(key, blocks) runs once per complete, verified transfer (default: keep them in
     `received`). `pending_bytes` counts payload buffers of transfers in flight: it returns to 0
-    when a transfer is committed or abandoned.
+    when a transfer is committed or abandoned. Payloads land in buffers of `pool` (by default one
+    per receiver), reused once nothing references a delivered block any more.
     """
 
     def __init__(
@@ -327,8 +329,10 @@ class KVReceiver(abc.ABC):
         expect_model: wire.ModelIdentity | None = None,
         commit: Callable[[str, list[wire.Block]], None] | None = None,
         idle_timeout: float = 30.0,
+        pool: PayloadPool | None = None,
     ):
         self.limits = limits or TransferLimits()
+        self.pool = pool or PayloadPool()
         self.token = token
         self.expect_model = expect_model
         self._commit_cb = commit
@@ -417,7 +421,10 @@ class KVReceiver(abc.ABC):
             header = wire.parse_header(prefix, hb, lim.frame, self.expect_model)
             if held + header.payload_len > lim.max_transfer_bytes:
                 raise wire.LimitError(f"transfer exceeds {lim.max_transfer_bytes} bytes", "payload")
-            payload = wire.alloc_payload(header.payload_len)  # only after validation
+            payload = self.pool.acquire(header.payload_len)  # only after validation
+            first = header.entries[0].offset if header.entries else header.payload_len
+            if first:  # no run covers it: a reused buffer must not keep older bytes there
+                payload[:first] = bytes(first)
             held += header.payload_len
             self.pending_bytes += header.payload_len
             verifier = wire.PayloadVerifier(header, payload)
@@ -482,12 +489,15 @@ class KVReceiver(abc.ABC):
         session: object,
         filled: Callable[[int], None] = lambda n: None,
     ) -> None:
-        """Fill the validated, freshly allocated payload: each run straight into its place.
-        filled(n) is told when the first n bytes are in place (the tensors among them are
-        verified while later runs are still in flight)."""
+        """Fill the validated payload buffer: each run straight into its place (a byte stream:
+        all runs at once, in slices). filled(n) is told when the first n bytes are in place (the
+        tensors among them are verified while later bytes are still in flight)."""
         pv = memoryview(payload)
         step = SLICE if getattr(ch, "stream", False) else None  # UCX: one message per run
-        for off, end in payload_runs(header):
+        spans = payload_runs(header)
+        if step and spans:  # the runs are contiguous: fewer, larger reads
+            spans = [(spans[0][0], spans[-1][1])]
+        for off, end in spans:
             for a in range(off, end, step or end - off):
                 b = min(a + step, end) if step else end
                 await ch.recv_into(pv[a:b])

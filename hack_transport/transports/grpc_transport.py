@@ -138,7 +138,7 @@ class GrpcReceiver(KVReceiver):
                             ok=False,
                             error=f"stream {idx}/{n_streams} conflicts with the transfer in progress",
                         )
-                    asm = FrameAssembler(self.limits, self.expect_model, alloc)
+                    asm = FrameAssembler(self.limits, self.expect_model, alloc, self.pool.acquire)
                     expected_frames = chunk.num_frames
                 last_byte = time.perf_counter()  # before this chunk's checks
                 asm.feed(chunk.data)

@@ -29,7 +29,7 @@ class SocketChannel:
             try:
                 n = self.sock.sendmsg(bufs[:IOV_MAX])
             except (BlockingIOError, InterruptedError):
-                await self._writable()
+                await self._ready(self.loop.add_writer, self.loop.remove_writer)
                 continue
             while n:  # drop what went out, keep the rest of a partly sent buffer
                 if n >= len(bufs[0]):
@@ -37,28 +37,32 @@ class SocketChannel:
                 else:
                     bufs[0], n = bufs[0][n:], 0
 
-    async def _writable(self) -> None:
-        fut = self.loop.create_future()
-        fd = self.sock.fileno()
-        self.loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(fd)
-
     async def recv_into(self, mv: memoryview) -> None:
         got, n = 0, len(mv)
         while got < n:
-            # Wake up only once a good share of what is missing has arrived: each wake-up of the
-            # event loop costs more CPU than copying the bytes it brings.
-            want = max(1, min(n - got, LOWAT))
-            if want != self._lowat:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-                self._lowat = want
-            k = await self.loop.sock_recv_into(self.sock, mv[got:])
+            try:  # what has arrived already needs no wake-up (the next header usually has)
+                k = self.sock.recv_into(mv[got:])
+            except (BlockingIOError, InterruptedError):
+                # Wake up only once a good share of what is missing has arrived: each wake-up of
+                # the event loop costs more CPU than copying the bytes it brings.
+                want = min(n - got, LOWAT)
+                if want != self._lowat:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                    self._lowat = want
+                await self._ready(self.loop.add_reader, self.loop.remove_reader)
+                continue
             if k == 0:
                 raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
             got += k
+
+    async def _ready(self, add, remove) -> None:  # noqa: ANN001 (loop.add_reader / add_writer)
+        fut = self.loop.create_future()
+        fd = self.sock.fileno()
+        add(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(fd)
 
 
 def tune(sock: socket.socket) -> None:

@@ -1,0 +1,76 @@
+"""Receive buffers reused across transfers instead of a fresh mapping per frame.
+
+Mapping and populating fresh pages (wire.alloc_payload) cost a receiver more CPU than copying the
+bytes into them (benchmarks/results/transfer_notes.md). A decode server lands KV in memory it
+keeps; this pool does the same for frame payloads: a buffer goes back to the pool only once
+nothing references it any more, so a block handed to a commit callback stays valid for as long
+as anyone holds one of its tensors, and a buffer is never handed out twice at once.
+
+How a release is noticed: each acquire() exports the pooled mapping through a fresh ctypes array
+(which supports weak references); every view of the returned memoryview, every tensor made from
+it with torch.frombuffer and every slice of those keeps that array alive, and a
+weakref.finalize on it returns the mapping to the pool when the last of them is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+import weakref
+
+from . import wire
+
+GRAIN = 1 << 16  # capacities are multiples of this (a frame may reuse a slightly larger one)
+DEFAULT_IDLE_BYTES = 1 << 30
+
+
+def _capacity(n: int) -> int:
+    """Size class of an n-byte request: within 1/8 of n above 512 KiB, so frames of nearly the
+    same size (the last block of a request) share buffers and waste stays under 12.5%."""
+    step = max(GRAIN, 1 << max(0, n.bit_length() - 4))
+    return max(GRAIN, -(-n // step) * step)
+
+
+class PayloadPool:
+    """acquire(n) -> a writable memoryview of exactly n bytes whose content is undefined (the
+    caller overwrites every byte). Released mappings are kept up to `max_idle_bytes`."""
+
+    def __init__(self, max_idle_bytes: int = DEFAULT_IDLE_BYTES):
+        self.max_idle_bytes = max_idle_bytes
+        self.idle_bytes = 0
+        self.mapped = 0  # mappings created (what a reused buffer saves)
+        self.reused = 0
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()  # a release runs wherever the last reference dies
+
+    def acquire(self, n: int) -> memoryview:
+        if n < GRAIN or self.max_idle_bytes <= 0:
+            return wire.alloc_payload(n)
+        cap = _capacity(n)
+        with self._lock:
+            free = self._free.get(cap)
+            m = free.pop() if free else None
+            if m is not None:
+                self.idle_bytes -= cap
+                self.reused += 1
+        if m is None:
+            m = wire.alloc_payload(cap).obj
+            if not isinstance(m, mmap.mmap):  # no MAP_POPULATE here: nothing to save
+                return memoryview(m)[:n]
+            self.mapped += 1
+        export = (ctypes.c_char * n).from_buffer(m)
+        weakref.finalize(export, self._release, cap, m)
+        return memoryview(export).cast("B")
+
+    def _release(self, cap: int, m: mmap.mmap) -> None:
+        with self._lock:
+            if self.idle_bytes + cap <= self.max_idle_bytes:
+                self._free.setdefault(cap, []).append(m)
+                self.idle_bytes += cap
+        # otherwise the mapping is unmapped once its last export is gone
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self.idle_bytes = 0
