@@ -910,7 +910,9 @@ class PayloadVerifier:
         self.advance(self.header.payload_len)
         header = self.header
         typed = {}  # the payload as each dtype once; every tensor is a strided view of one
-        if header.payload_len:
+        if header.payload_len and not self.mv.readonly:
+            whole = torch.frombuffer(self.mv, dtype=torch.uint8)
+        elif header.payload_len:
             with warnings.catch_warnings():  # read-only buffers (bytes) are fine: not written
                 warnings.simplefilter("ignore", UserWarning)
                 whole = torch.frombuffer(self.mv, dtype=torch.uint8)
