@@ -8,6 +8,9 @@ from .kivi_launch import run_kivi_attention
 from .launch import choose_splits, launch_params, run_attention
 from .paged_cache import PagedHackCache
 
+# closed pages over the whole batch up to which kivi decode runs one page per program
+SHORT_DECODE_PAGES = 512
+
 
 def decode_attention(
     q: torch.Tensor,
@@ -43,9 +46,11 @@ def decode_attention(
         max_pages = max((cache.num_tokens(i) - cache.config.sink_tokens) // p for i in range(b))
     kivi = cache.config.layout == "kivi"
     params = launch_params("decode_kivi" if kivi else "decode", d, p)
-    splits = num_splits or choose_splits(
-        b, h, max_pages, params.get("waves", 4), params.get("min_pages", 1)
-    )
+    # few pages in all (batch 1 up to 4K on the H100): one page a program and a split, so the
+    # latency of one page rather than of two bounds the launch (attention_notes.md, version 18)
+    short = kivi and b * h * max_pages <= SHORT_DECODE_PAGES
+    min_pages = 1 if short else params.get("min_pages", 1)
+    splits = num_splits or choose_splits(b, h, max_pages, params.get("waves", 4), min_pages)
     if out is None:
         out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or not out.is_contiguous():  # any float dtype
@@ -58,6 +63,7 @@ def decode_attention(
             q, out, seq_lens, block_tables, block_tables.stride(0), c.pages, sinks, opens,
             kv_heads=h, n_sink=c.config.sink_tokens, partition=p, bits=c.config.bits,
             causal=False, sm_scale=sm_scale, decode=True, num_splits=splits,
+            slots=1 if short else None,
         )  # fmt: skip
     return run_attention(
         q, out, seq_lens, block_tables, block_tables.stride(0),

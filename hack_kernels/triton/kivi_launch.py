@@ -43,10 +43,12 @@ def run_kivi_attention(
     sm_scale: float | None,
     decode: bool,
     num_splits: int = 1,
+    slots: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, M, D] over `pages` (tensors [B or 1, pages, H, ...], physical page
     ids from block_tables) plus 16-bit sinks / open tokens given as (k, v, s_batch, s_head,
-    s_token). Decode (M == 1) splits the pages into num_splits partials merged afterwards."""
+    s_token). Decode (M == 1) splits the pages into num_splits partials merged afterwards;
+    slots (1 or 2 pages an iteration) overrides the tuned choice."""
     sinks, opens = (tuple(_nonempty(t) for t in grp) for grp in (sinks, opens))
     b, hq, m, d = q.shape
     if q.stride(3) != 1:
@@ -76,7 +78,8 @@ def run_kivi_attention(
     kind = "decode_kivi" if decode else "prefill_kivi"
     params = launch_params(kind, d, partition)
     # decode: SLOTS pages per iteration in separate row slots, each slot its own partial
-    slots = 2 if decode and params.get("SLOTS", 1) == 2 and g * consts["E"] <= 8 else 1
+    want = params.get("SLOTS", 1) if slots is None else slots
+    slots = 2 if decode and want == 2 and g * consts["E"] <= 8 else 1
     params, grid, o_args, ml_args, shape, nhg, parts, part, ml = program_layout(
         q, out, kv_heads, kind, d, partition, causal, decode, num_splits * slots,
         copies=consts["E"] * slots,

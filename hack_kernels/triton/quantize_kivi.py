@@ -12,6 +12,8 @@ Outputs are exactly the canonical QuantizedTensors of layout.py (the generic pat
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -35,22 +37,16 @@ def _k_rows(x_ptr, n_ptr, rows, d, dmask, st, nbase, D, STOCHASTIC: tl.constexpr
 
 
 @triton.jit
-def _quantize_k_kernel(
-    k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
-    H, C, D, skb, skh, skt,
-    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr,
-    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
+def _k_group(
+    g, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh, G, C, D, skt,
+    PART: tl.constexpr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr,
+    ASM: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)  # token partition
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    bh = tl.program_id(2)
+    """Token partition g of channels d: codes, min, scale and sum per channel."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     PER: tl.constexpr = 8 // BITS
     ROWS: tl.constexpr = PART // PER  # bytes of one channel's group
     META: tl.constexpr = mins_ptr.dtype.element_ty
-    G = C // PART
-    dmask = d < D
-    x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
     nbase = bh.to(tl.int64) * C * D
     rows = g * PART + tl.arange(0, ROWS) * PER  # sub-tile j holds rows + j: bit field j of a byte
     x0, n0 = _k_rows(x_ptr, nk_ptr, rows, d, dmask, skt, nbase, D, STOCHASTIC)
@@ -90,6 +86,23 @@ def _quantize_k_kernel(
     tl.store(sums_ptr + grp, total.to(sums_ptr.dtype.element_ty), mask=dmask)
     i = tl.arange(0, ROWS)
     tl.store(codes_ptr + grp[None, :] * ROWS + i[:, None], packed.to(tl.uint8), mask=dmask[None, :])
+
+
+@triton.jit
+def _quantize_k_kernel(
+    k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
+    H, C, D, skb, skh, skt,
+    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr,
+    STAGES: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    g0 = tl.program_id(0) * NG  # NG consecutive token partitions
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    bh = tl.program_id(2)
+    dmask = d < D
+    x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
+    for j in tl.range(0, NG, num_stages=STAGES):
+        _k_group(g0 + j, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh,
+                 C // PART, C, D, skt, PART, BITS, STOCHASTIC, INT, ASM)  # fmt: skip
 
 
 @triton.jit
@@ -181,11 +194,13 @@ def quantize_k_tokens(
     if k.numel():
         tune = launch_params("quantize_kivi", d, partition)
         block_d = min(tune["BLOCK_D"], triton.next_power_of_2(d))
-        _quantize_k_kernel[(c // partition, triton.cdiv(d, block_d), bsz * heads)](
+        ng = math.gcd(c // partition, tune.get("NG", 1))  # partitions a program, dividing G
+        _quantize_k_kernel[(c // partition // ng, triton.cdiv(d, block_d), bsz * heads)](
             k, _noise(k, rounding, seed, stream, token_start),
             kq["codes"], kq["mins"], kq["scales"], kq["sums"],
             heads, c, d, k.stride(0), k.stride(1), k.stride(2),
-            BLOCK_D=block_d, num_warps=tune["k_warps"], **common,
+            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), num_warps=tune["k_warps"],
+            **common,
         )  # fmt: skip
     return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
                            dtype=k.dtype)  # fmt: skip

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import hack_kernels.triton.decode as decode_module
 from hack_kernels import HackConfig, layout, quantize_kv, reference_attention
 from hack_kernels.triton import launch
 from hack_kernels.triton.paged_cache import PagedHackCache, _batch_item
@@ -135,6 +136,9 @@ def test_kivi_decode_matches_reference(case, unpack, slots, monkeypatch):
     # >= 32 channels; slots 2: two pages per iteration (G * E <= 8)
     monkeypatch.setattr(launch, "KIVI_UNPACK_INTERP", unpack)
     monkeypatch.setattr(launch, "KIVI_SLOTS_INTERP", slots)
+    # these caches are small enough for the short-context path (one page a program): slots 1
+    # takes it, slots 2 keeps the tuned two-page path
+    monkeypatch.setattr(decode_module, "SHORT_DECODE_PAGES", 512 if slots == 1 else -1)
     d, p, sinks, lens, hq, hk, dtype, bits = case
     gen = torch.Generator().manual_seed(d * 7 + p + bits)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")
