@@ -918,7 +918,7 @@ class PayloadVerifier:
                 whole = torch.frombuffer(self.mv, dtype=torch.uint8)
         tensors = {}
         for e in header.entries:
-            if e.length == 0:
+            if e.length == 0 and not header.payload_len:
                 tensors[e.name] = torch.empty(e.shape, dtype=e.dtype)
                 continue
             size = e.dtype.itemsize  # offsets are 8-aligned and lengths whole elements

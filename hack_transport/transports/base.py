@@ -295,6 +295,15 @@ async def send_session(
                 t.cancel()
 
 
+async def within(aw: Awaitable[T], seconds: float) -> T:
+    """asyncio.wait_for without a task per call where asyncio.timeout exists (3.11+): a frame's
+    deadline then costs a timer, not two extra event-loop rounds."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await aw
+    return await asyncio.wait_for(aw, seconds)
+
+
 def check_ack(ack: dict, key: str) -> None:
     if not ack.get("ok"):
         err = str(ack.get("error", "rejected"))
@@ -448,7 +457,7 @@ class KVReceiver(abc.ABC):
             blocks = []
             for _ in range(n):
                 try:
-                    blocks.append(await asyncio.wait_for(frame(), self.idle_timeout))
+                    blocks.append(await within(frame(), self.idle_timeout))
                 except asyncio.TimeoutError:
                     raise ConnectionError(f"no frame within {self.idle_timeout} s") from None
             self.commit(key, blocks)  # every checksum of every frame passed: now visible
@@ -494,9 +503,11 @@ class KVReceiver(abc.ABC):
         tensors among them are verified while later bytes are still in flight)."""
         pv = memoryview(payload)
         step = SLICE if getattr(ch, "stream", False) else None  # UCX: one message per run
-        spans = payload_runs(header)
-        if step and spans:  # the runs are contiguous: fewer, larger reads
-            spans = [(spans[0][0], spans[-1][1])]
+        if step:  # the runs are contiguous, from the first tensor to the end: one span
+            first = header.entries[0].offset if header.entries else header.payload_len
+            spans = [(first, header.payload_len)] if header.payload_len > first else []
+        else:
+            spans = payload_runs(header)
         for off, end in spans:
             for a in range(off, end, step or end - off):
                 b = min(a + step, end) if step else end
