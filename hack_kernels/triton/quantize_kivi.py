@@ -95,8 +95,9 @@ def _quantize_k_kernel(
     PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr,
     STAGES: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
-    g0 = tl.program_id(0) * NG  # NG consecutive token partitions
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # channel blocks vary fastest, so the programs that share token rows run side by side
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g0 = tl.program_id(1) * NG  # NG consecutive token partitions
     bh = tl.program_id(2)
     dmask = d < D
     x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
@@ -195,7 +196,7 @@ def quantize_k_tokens(
         tune = launch_params("quantize_kivi", d, partition)
         block_d = min(tune["BLOCK_D"], triton.next_power_of_2(d))
         ng = math.gcd(c // partition, tune.get("NG", 1))  # partitions a program, dividing G
-        _quantize_k_kernel[(c // partition // ng, triton.cdiv(d, block_d), bsz * heads)](
+        _quantize_k_kernel[(triton.cdiv(d, block_d), c // partition // ng, bsz * heads)](
             k, _noise(k, rounding, seed, stream, token_start),
             kq["codes"], kq["mins"], kq["scales"], kq["sums"],
             heads, c, d, k.stride(0), k.stride(1), k.stride(2),
