@@ -37,55 +37,93 @@ def _k_rows(x_ptr, n_ptr, rows, d, dmask, st, nbase, D, STOCHASTIC: tl.constexpr
 
 
 @triton.jit
-def _k_group(
-    g, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh, G, C, D, skt,
-    PART: tl.constexpr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr,
-    ASM: tl.constexpr,
-):  # fmt: skip
-    """Token partition g of channels d: codes, min, scale and sum per channel."""
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    PER: tl.constexpr = 8 // BITS
-    ROWS: tl.constexpr = PART // PER  # bytes of one channel's group
-    META: tl.constexpr = mins_ptr.dtype.element_ty
-    nbase = bh.to(tl.int64) * C * D
-    rows = g * PART + tl.arange(0, ROWS) * PER  # sub-tile j holds rows + j: bit field j of a byte
-    x0, n0 = _k_rows(x_ptr, nk_ptr, rows, d, dmask, skt, nbase, D, STOCHASTIC)
+def _k_sub_tiles(x_ptr, n_ptr, rows, d, dmask, st, nbase, D, PER: tl.constexpr,
+                 STOCHASTIC: tl.constexpr):  # fmt: skip
+    """The per sub-tiles of one set of bytes: sub-tile j holds rows + j (bit field j)."""
+    x0, n0 = _k_rows(x_ptr, n_ptr, rows, d, dmask, st, nbase, D, STOCHASTIC)
     x1, n1 = x0, n0
     x2, n2 = x0, n0
     x3, n3 = x0, n0
     if PER >= 2:
-        x1, n1 = _k_rows(x_ptr, nk_ptr, rows + 1, d, dmask, skt, nbase, D, STOCHASTIC)
+        x1, n1 = _k_rows(x_ptr, n_ptr, rows + 1, d, dmask, st, nbase, D, STOCHASTIC)
     if PER == 4:
-        x2, n2 = _k_rows(x_ptr, nk_ptr, rows + 2, d, dmask, skt, nbase, D, STOCHASTIC)
-        x3, n3 = _k_rows(x_ptr, nk_ptr, rows + 3, d, dmask, skt, nbase, D, STOCHASTIC)
-    # extremes in the input dtype (exact), two to an instruction; masked channels read 0
-    lo = tl.min(tl.minimum(tl.minimum(x0, x1), tl.minimum(x2, x3)), axis=0).to(tl.float32)
-    hi = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0).to(tl.float32)
-    x0, x1, x2, x3 = x0.to(tl.float32), x1.to(tl.float32), x2.to(tl.float32), x3.to(tl.float32)
-    m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
-    mf = m.to(tl.float32)[None, :]
-    inv = inv[None, :]
-    q = unfused_codes(x0, mf, inv, n0, LEVELS, STOCHASTIC, ASM)
+        x2, n2 = _k_rows(x_ptr, n_ptr, rows + 2, d, dmask, st, nbase, D, STOCHASTIC)
+        x3, n3 = _k_rows(x_ptr, n_ptr, rows + 3, d, dmask, st, nbase, D, STOCHASTIC)
+    return x0, x1, x2, x3, n0, n1, n2, n3
+
+
+@triton.jit
+def _k_bytes(x0, x1, x2, x3, n0, n1, n2, n3, mf, inv, PER: tl.constexpr, BITS: tl.constexpr,
+             STOCHASTIC: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """Packed bytes of the sub-tiles (int32, one byte each) and their code sums per element."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    q = unfused_codes(x0.to(tl.float32), mf, inv, n0, LEVELS, STOCHASTIC, ASM)
     packed = q
-    total = q  # summed along rows once, after the sub-tiles
+    total = q
     if PER >= 2:
-        q = unfused_codes(x1, mf, inv, n1, LEVELS, STOCHASTIC, ASM)
+        q = unfused_codes(x1.to(tl.float32), mf, inv, n1, LEVELS, STOCHASTIC, ASM)
         packed = packed | (q << BITS)
         total += q
     if PER == 4:
-        q = unfused_codes(x2, mf, inv, n2, LEVELS, STOCHASTIC, ASM)
+        q = unfused_codes(x2.to(tl.float32), mf, inv, n2, LEVELS, STOCHASTIC, ASM)
         packed = packed | (q << 2 * BITS)
         total += q
-        q = unfused_codes(x3, mf, inv, n3, LEVELS, STOCHASTIC, ASM)
+        q = unfused_codes(x3.to(tl.float32), mf, inv, n3, LEVELS, STOCHASTIC, ASM)
         packed = packed | (q << 3 * BITS)
         total += q
+    return packed, total
+
+
+@triton.jit
+def _k_group(
+    g, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh, G, C, D, skt,
+    PART: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    INT: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """Token partition g of channels d: codes, min, scale and sum per channel. PAIRS: bytes
+    2r and 2r + 1 come from separate sub-tiles and leave as one 16-bit word (codes_ptr is
+    then int16), so reordering them for the store moves half as many units."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 8 // BITS
+    ROWS: tl.constexpr = PART // PER  # bytes of one channel's group
+    UNITS: tl.constexpr = ROWS // 2 if PAIRS else ROWS  # stored units of one channel's group
+    STEP: tl.constexpr = 2 if PAIRS else 1
+    META: tl.constexpr = mins_ptr.dtype.element_ty
+    nbase = bh.to(tl.int64) * C * D
+    rows = g * PART + tl.arange(0, UNITS) * (STEP * PER)  # first token of byte STEP * r
+    a0, a1, a2, a3, na0, na1, na2, na3 = _k_sub_tiles(
+        x_ptr, nk_ptr, rows, d, dmask, skt, nbase, D, PER, STOCHASTIC
+    )
+    # extremes in the input dtype (exact), two to an instruction; masked channels read 0
+    lo = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
+    hi = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
+    b0, b1, b2, b3, nb0, nb1, nb2, nb3 = a0, a1, a2, a3, na0, na1, na2, na3
+    if PAIRS:  # the odd bytes
+        b0, b1, b2, b3, nb0, nb1, nb2, nb3 = _k_sub_tiles(
+            x_ptr, nk_ptr, rows + PER, d, dmask, skt, nbase, D, PER, STOCHASTIC
+        )
+        lo = tl.minimum(lo, tl.minimum(tl.minimum(b0, b1), tl.minimum(b2, b3)))
+        hi = tl.maximum(hi, tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)))
+    lo = tl.min(lo, axis=0).to(tl.float32)
+    hi = tl.max(hi, axis=0).to(tl.float32)
+    m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
+    mf = m.to(tl.float32)[None, :]
+    inv = inv[None, :]
+    packed, total = _k_bytes(a0, a1, a2, a3, na0, na1, na2, na3, mf, inv, PER, BITS,
+                             STOCHASTIC, ASM)  # fmt: skip
+    if PAIRS:
+        odd, total_odd = _k_bytes(b0, b1, b2, b3, nb0, nb1, nb2, nb3, mf, inv, PER, BITS,
+                                  STOCHASTIC, ASM)  # fmt: skip
+        packed = packed | (odd << 8)  # little-endian: the even byte first
+        total += total_odd
     total = tl.sum(total, axis=0)
     grp = (bh.to(tl.int64) * D + d) * G + g  # canonical K: [B, H, D, G, ROWS]
     tl.store(mins_ptr + grp, m, mask=dmask)
     tl.store(scales_ptr + grp, s, mask=dmask)
     tl.store(sums_ptr + grp, total.to(sums_ptr.dtype.element_ty), mask=dmask)
-    i = tl.arange(0, ROWS)
-    tl.store(codes_ptr + grp[None, :] * ROWS + i[:, None], packed.to(tl.uint8), mask=dmask[None, :])
+    r = tl.arange(0, UNITS)
+    out = packed.to(codes_ptr.dtype.element_ty)  # int16 keeps the low 16 bits
+    tl.store(codes_ptr + grp[None, :] * UNITS + r[:, None], out, mask=dmask[None, :])
 
 
 @triton.jit
@@ -93,7 +131,8 @@ def _quantize_k_kernel(
     k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
     H, C, D, skb, skh, skt,
     PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
+    STAGES: tl.constexpr, PAIRS: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr,
+    ASM: tl.constexpr,
 ):  # fmt: skip
     # channel blocks vary fastest, so the programs that share token rows run side by side
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -103,7 +142,7 @@ def _quantize_k_kernel(
     x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
     for j in tl.range(0, NG, num_stages=STAGES):
         _k_group(g0 + j, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh,
-                 C // PART, C, D, skt, PART, BITS, STOCHASTIC, INT, ASM)  # fmt: skip
+                 C // PART, C, D, skt, PART, BITS, PAIRS, STOCHASTIC, INT, ASM)  # fmt: skip
 
 
 @triton.jit
@@ -196,11 +235,15 @@ def quantize_k_tokens(
         tune = launch_params("quantize_kivi", d, partition)
         block_d = min(tune["BLOCK_D"], triton.next_power_of_2(d))
         ng = math.gcd(c // partition, tune.get("NG", 1))  # partitions a program, dividing G
+        # 16-bit words where a channel's group is a whole number of them (PAIRS)
+        pairs = bool(tune.get("PAIRS", True)) and kq["codes"].shape[-1] % 2 == 0
+        codes = kq["codes"].view(torch.int16) if pairs else kq["codes"]
         _quantize_k_kernel[(triton.cdiv(d, block_d), c // partition // ng, bsz * heads)](
             k, _noise(k, rounding, seed, stream, token_start),
-            kq["codes"], kq["mins"], kq["scales"], kq["sums"],
+            codes, kq["mins"], kq["scales"], kq["sums"],
             heads, c, d, k.stride(0), k.stride(1), k.stride(2),
-            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), num_warps=tune["k_warps"],
+            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), PAIRS=pairs,
+            num_warps=tune["k_warps"],
             **common,
         )  # fmt: skip
     return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
