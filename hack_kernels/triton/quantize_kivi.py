@@ -77,8 +77,8 @@ def _k_bytes(x0, x1, x2, x3, n0, n1, n2, n3, mf, inv, PER: tl.constexpr, BITS: t
 @triton.jit
 def _k_group(
     g, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh, G, C, D, skt,
-    PART: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr, STOCHASTIC: tl.constexpr,
-    INT: tl.constexpr, ASM: tl.constexpr,
+    PART: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr, META_T: tl.constexpr,
+    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Token partition g of channels d: codes, min, scale and sum per channel. PAIRS: bytes
     2r and 2r + 1 come from separate sub-tiles and leave as one 16-bit word (codes_ptr is
@@ -118,9 +118,13 @@ def _k_group(
         total += total_odd
     total = tl.sum(total, axis=0)
     grp = (bh.to(tl.int64) * D + d) * G + g  # canonical K: [B, H, D, G, ROWS]
-    tl.store(mins_ptr + grp, m, mask=dmask)
-    tl.store(scales_ptr + grp, s, mask=dmask)
-    tl.store(sums_ptr + grp, total.to(sums_ptr.dtype.element_ty), mask=dmask)
+    # META_T: metadata as [B, H, G, D] (transposed by the caller): one contiguous run of
+    # channels per program instead of a 2-byte write every G entries, which bound the kernel
+    # by L2 transactions
+    meta = (bh.to(tl.int64) * G + g) * D + d if META_T else grp
+    tl.store(mins_ptr + meta, m, mask=dmask)
+    tl.store(scales_ptr + meta, s, mask=dmask)
+    tl.store(sums_ptr + meta, total.to(sums_ptr.dtype.element_ty), mask=dmask)
     r = tl.arange(0, UNITS)
     out = packed.to(codes_ptr.dtype.element_ty)  # int16 keeps the low 16 bits
     tl.store(codes_ptr + grp[None, :] * UNITS + r[:, None], out, mask=dmask[None, :])
@@ -131,8 +135,8 @@ def _quantize_k_kernel(
     k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
     H, C, D, skb, skh, skt,
     PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr, PAIRS: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr,
-    ASM: tl.constexpr,
+    STAGES: tl.constexpr, PAIRS: tl.constexpr, META_T: tl.constexpr, STOCHASTIC: tl.constexpr,
+    INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # channel blocks vary fastest, so the programs that share token rows run side by side
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -142,7 +146,7 @@ def _quantize_k_kernel(
     x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
     for j in tl.range(0, NG, num_stages=STAGES):
         _k_group(g0 + j, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh,
-                 C // PART, C, D, skt, PART, BITS, PAIRS, STOCHASTIC, INT, ASM)  # fmt: skip
+                 C // PART, C, D, skt, PART, BITS, PAIRS, META_T, STOCHASTIC, INT, ASM)  # fmt: skip
 
 
 @triton.jit
@@ -238,14 +242,21 @@ def quantize_k_tokens(
         # 16-bit words where a channel's group is a whole number of them (PAIRS)
         pairs = bool(tune.get("PAIRS", True)) and kq["codes"].shape[-1] % 2 == 0
         codes = kq["codes"].view(torch.int16) if pairs else kq["codes"]
+        meta_t = bool(tune.get("META_T", True))
+        names = ("mins", "scales", "sums")
+        meta = [
+            kq[n].new_empty((bsz, heads, c // partition, d)) if meta_t else kq[n] for n in names
+        ]
         _quantize_k_kernel[(triton.cdiv(d, block_d), c // partition // ng, bsz * heads)](
-            k, _noise(k, rounding, seed, stream, token_start),
-            codes, kq["mins"], kq["scales"], kq["sums"],
+            k, _noise(k, rounding, seed, stream, token_start), codes, *meta,
             heads, c, d, k.stride(0), k.stride(1), k.stride(2),
-            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), PAIRS=pairs,
+            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), PAIRS=pairs, META_T=meta_t,
             num_warps=tune["k_warps"],
             **common,
         )  # fmt: skip
+        if meta_t:  # [B, H, G, D] -> the canonical [B, H, D, G]
+            for n, t in zip(names, meta, strict=True):
+                kq[n].copy_(t.transpose(-1, -2))
     return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
                            dtype=k.dtype)  # fmt: skip
 
