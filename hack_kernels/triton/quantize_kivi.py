@@ -150,6 +150,23 @@ def _quantize_k_kernel(
 
 
 @triton.jit
+def _meta_to_canonical_kernel(
+    a_src, a_dst, b_src, b_dst, c_src, c_dst, G, D,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """K's three metadata arrays [BH, G, D] -> the canonical [BH, D, G], in one launch."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    base = tl.program_id(2).to(tl.int64) * G * D
+    mask = (g < G)[:, None] & (d < D)[None, :]
+    src = base + g[:, None] * D + d[None, :]
+    dst = base + d[None, :] * G + g[:, None]
+    tl.store(a_dst + dst, tl.load(a_src + src, mask=mask), mask=mask)
+    tl.store(b_dst + dst, tl.load(b_src + src, mask=mask), mask=mask)
+    tl.store(c_dst + dst, tl.load(c_src + src, mask=mask), mask=mask)
+
+
+@triton.jit
 def _quantize_v_kernel(
     v_ptr, nv_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
     H, C, D, svb, svh, svt,
@@ -255,8 +272,11 @@ def quantize_k_tokens(
             **common,
         )  # fmt: skip
         if meta_t:  # [B, H, G, D] -> the canonical [B, H, D, G]
-            for n, t in zip(names, meta, strict=True):
-                kq[n].copy_(t.transpose(-1, -2))
+            g = c // partition
+            _meta_to_canonical_kernel[(triton.cdiv(g, 64), triton.cdiv(d, 64), bsz * heads)](
+                meta[0], kq["mins"], meta[1], kq["scales"], meta[2], kq["sums"], g, d,
+                BLOCK_G=64, BLOCK_D=64,
+            )  # fmt: skip
     return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
                            dtype=k.dtype)  # fmt: skip
 
