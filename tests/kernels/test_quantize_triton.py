@@ -107,17 +107,12 @@ def test_stochastic_matches_torch_and_is_unbiased():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("head_dim", "partition"), [(64, 32), (128, 64), (64, 128), (32, 32)])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("store", ["pairs+transposed meta", "bytes+canonical meta"])
-def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding, store, monkeypatch):
+@pytest.mark.parametrize("ng", [1, 2])
+def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding, ng, monkeypatch):
     """The kivi K and V kernels against quantize_groups (K along tokens, V along head_dim),
-    with both ways of storing K's codes and metadata."""
-    fast = store.startswith("pairs")
+    with one and two token partitions a K program (metadata collected in registers)."""
     params = quantize_kivi.launch_params
-    monkeypatch.setattr(
-        quantize_kivi,
-        "launch_params",
-        lambda *a: {**params(*a), "PAIRS": fast, "META_T": fast, "NG": 1 if fast else 2},
-    )
+    monkeypatch.setattr(quantize_kivi, "launch_params", lambda *a: {**params(*a), "NG": ng})
     gen = torch.Generator().manual_seed(bits * 7 + head_dim + partition)
     dtype = torch.bfloat16 if bits == 4 else torch.float16
     c = 2 * partition
