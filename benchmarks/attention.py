@@ -215,10 +215,11 @@ def quantize_case(cfg, copy_tbps, rows, tune):
     kivi = cfg.layout == "kivi"
     key = ("quantize_kivi", 128, cfg.partition) if kivi else ("quantize", 0, cfg.partition)
     choices = [
-        {"BLOCK_D": 64, "k_warps": 1, "NG": 8, "BLOCK_T": 16, "v_warps": 2},
-        {"BLOCK_D": 64, "k_warps": 1, "NG": 16, "BLOCK_T": 16, "v_warps": 2},
-        {"BLOCK_D": 64, "k_warps": 2, "NG": 8, "BLOCK_T": 16, "v_warps": 2},
-        {"BLOCK_D": 32, "k_warps": 1, "NG": 8, "BLOCK_T": 16, "v_warps": 2},
+        {"BLOCK_D": 64, "k_warps": 2, "BLOCK_T": 16, "v_warps": 2},
+        {"BLOCK_D": 64, "k_warps": 1, "BLOCK_T": 16, "v_warps": 2},
+        {"BLOCK_D": 128, "k_warps": 2, "BLOCK_T": 32, "v_warps": 2},
+        {"BLOCK_D": 128, "k_warps": 4, "BLOCK_T": 16, "v_warps": 2},
+        {"BLOCK_D": 64, "k_warps": 2, "BLOCK_T": 16, "v_warps": 2, "META_T": False},
     ] if kivi else [
         {"BLOCK_R": br, "num_warps": 4} for br in (32, 64, 128)
     ]  # fmt: skip

@@ -37,8 +37,8 @@ def us(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--k", default="[[64, 1, 8], [64, 1, 16], [64, 2, 8], [32, 1, 8]]")
-    ap.add_argument("--v", default="[[16, 2], [16, 2], [16, 2], [16, 2]]")
+    ap.add_argument("--k", default="[[32, 2], [64, 4], [128, 4], [128, 8], [64, 2]]")
+    ap.add_argument("--v", default="[[16, 2], [32, 4], [64, 4], [64, 8], [32, 2]]")
     args = ap.parse_args()
     k = torch.randn(1, 8, 65536, 128, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
@@ -52,8 +52,9 @@ def main() -> None:
     print(json.dumps(rows[0]), flush=True)
     key = ("quantize_kivi", 128, 64)
     pairs = list(zip(json.loads(args.k), json.loads(args.v), strict=True))
-    for (bd, kw, ng), (bt, vw) in pairs:  # ng: token partitions a K program
-        launch.TUNED[key] = {"BLOCK_D": bd, "k_warps": kw, "NG": ng, "BLOCK_T": bt, "v_warps": vw}
+    for (bd, kw, *loop), (bt, vw) in pairs:  # loop: [NG, STAGES, PAIRS, META_T]
+        launch.TUNED[key] = {"BLOCK_D": bd, "k_warps": kw, "BLOCK_T": bt, "v_warps": vw}
+        launch.TUNED[key].update(zip(("NG", "STAGES", "PAIRS", "META_T"), loop, strict=False))
         row = dict(launch.TUNED[key])
         try:
             fk, fv = quantize_kivi_triton(*small, 2, 64, streams=(K_STREAM, V_STREAM))

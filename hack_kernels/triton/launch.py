@@ -43,7 +43,7 @@ DEFAULTS = {
     "prefill": {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False, "DOT16": False},
     "decode": {"num_warps": 4, "num_stages": 1, "waves": 4, "PREFETCH": False, "DOT16": False},
     "quantize": {"BLOCK_R": 64, "num_warps": 4},
-    "quantize_kivi": {"BLOCK_D": 64, "k_warps": 1, "NG": 8, "BLOCK_T": 16, "v_warps": 2},
+    "quantize_kivi": {"BLOCK_D": 64, "k_warps": 1, "BLOCK_T": 16, "v_warps": 2},
     "decode_kivi": {
         "num_warps": 2,
         "num_stages": 1,

@@ -151,6 +151,23 @@ def quantize_groups_triton(
     )
 
 
+# Rows (batch x heads x tokens) from which an eager call takes the kivi kernels. They halve the
+# GPU time of quantize-and-pack (130 against 264 us for 512K rows on the H100) but take three
+# launches to the generic path's two, and each Triton launch costs about 35 us of host time on
+# the H100 host: eagerly, below about 700K rows, the host's time is the call's (349 against
+# 97 us, benchmarks/host_profile_quantize.py). Under CUDA-graph capture launches are free.
+KIVI_EAGER_MIN_ROWS = 1 << 20
+
+
+def use_kivi_kernels(rows: int, head_dim: int, partition: int, capturing: bool) -> bool:
+    """Whether quantize_kv_triton takes the kivi kernels (quantize_kivi.py) for the kivi layout."""
+    return kivi_fast_path(head_dim, partition) and (capturing or rows >= KIVI_EAGER_MIN_ROWS)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _quantize_closed_triton(k, v, config: HackConfig, token_start: int):
     args = dict(
         bits=config.bits, partition=config.partition, rounding=config.rounding, seed=config.seed
@@ -159,7 +176,11 @@ def _quantize_closed_triton(k, v, config: HackConfig, token_start: int):
     if config.layout == "paper":
         kq = q(k.transpose(-1, -2), -2, stream=K_STREAM, axis_offsets={3: token_start}, **args)
         vq = q(v, -2, stream=V_STREAM, axis_offsets={2: token_start}, **args)
-    elif kivi_fast_path(k.shape[-1], config.partition) and k.stride(-1) == v.stride(-1) == 1:
+    elif (
+        k.stride(-1) == v.stride(-1) == 1
+        and k.shape[2] % config.partition == 0
+        and use_kivi_kernels(k.numel() // k.shape[-1], k.shape[-1], config.partition, _capturing(k))
+    ):
         kq, vq = quantize_kivi_triton(
             k, v, **args, streams=(K_STREAM, V_STREAM), token_start=token_start
         )

@@ -76,29 +76,58 @@ def _k_bytes(x0, x1, x2, x3, n0, n1, n2, n3, mf, inv, PER: tl.constexpr, BITS: t
 
 @triton.jit
 def _k_group(
-    g, x_ptr, nk_ptr, codes_ptr, d, dmask, bh, G, C, D, skt,
-    PART: tl.constexpr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, INT: tl.constexpr,
-    META: tl.constexpr, ASM: tl.constexpr,
+    g, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh, G, C, D, skt,
+    PART: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr, META_T: tl.constexpr,
+    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
-    """Token partition g of channels d: stores the codes, returns min, scale and code sum."""
+    """Token partition g of channels d: codes, min, scale and sum per channel. PAIRS: bytes
+    2r and 2r + 1 come from separate sub-tiles and leave as one 16-bit word (codes_ptr is
+    then int16), so reordering them for the store moves half as many units."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     PER: tl.constexpr = 8 // BITS
     ROWS: tl.constexpr = PART // PER  # bytes of one channel's group
+    UNITS: tl.constexpr = ROWS // 2 if PAIRS else ROWS  # stored units of one channel's group
+    STEP: tl.constexpr = 2 if PAIRS else 1
+    META: tl.constexpr = mins_ptr.dtype.element_ty
     nbase = bh.to(tl.int64) * C * D
-    rows = g * PART + tl.arange(0, ROWS) * PER  # first token of each byte
-    x0, x1, x2, x3, n0, n1, n2, n3 = _k_sub_tiles(
+    rows = g * PART + tl.arange(0, UNITS) * (STEP * PER)  # first token of byte STEP * r
+    a0, a1, a2, a3, na0, na1, na2, na3 = _k_sub_tiles(
         x_ptr, nk_ptr, rows, d, dmask, skt, nbase, D, PER, STOCHASTIC
     )
     # extremes in the input dtype (exact), two to an instruction; masked channels read 0
-    lo = tl.min(tl.minimum(tl.minimum(x0, x1), tl.minimum(x2, x3)), axis=0).to(tl.float32)
-    hi = tl.max(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)), axis=0).to(tl.float32)
+    lo = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
+    hi = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
+    b0, b1, b2, b3, nb0, nb1, nb2, nb3 = a0, a1, a2, a3, na0, na1, na2, na3
+    if PAIRS:  # the odd bytes
+        b0, b1, b2, b3, nb0, nb1, nb2, nb3 = _k_sub_tiles(
+            x_ptr, nk_ptr, rows + PER, d, dmask, skt, nbase, D, PER, STOCHASTIC
+        )
+        lo = tl.minimum(lo, tl.minimum(tl.minimum(b0, b1), tl.minimum(b2, b3)))
+        hi = tl.maximum(hi, tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)))
+    lo = tl.min(lo, axis=0).to(tl.float32)
+    hi = tl.max(hi, axis=0).to(tl.float32)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
-    packed, total = _k_bytes(x0, x1, x2, x3, n0, n1, n2, n3, m.to(tl.float32)[None, :],
-                             inv[None, :], PER, BITS, STOCHASTIC, ASM)  # fmt: skip
+    mf = m.to(tl.float32)[None, :]
+    inv = inv[None, :]
+    packed, total = _k_bytes(a0, a1, a2, a3, na0, na1, na2, na3, mf, inv, PER, BITS,
+                             STOCHASTIC, ASM)  # fmt: skip
+    if PAIRS:
+        odd, total_odd = _k_bytes(b0, b1, b2, b3, nb0, nb1, nb2, nb3, mf, inv, PER, BITS,
+                                  STOCHASTIC, ASM)  # fmt: skip
+        packed = packed | (odd << 8)  # little-endian: the even byte first
+        total += total_odd
+    total = tl.sum(total, axis=0)
     grp = (bh.to(tl.int64) * D + d) * G + g  # canonical K: [B, H, D, G, ROWS]
-    i = tl.arange(0, ROWS)
-    tl.store(codes_ptr + grp[None, :] * ROWS + i[:, None], packed.to(tl.uint8), mask=dmask[None, :])
-    return m, s, tl.sum(total, axis=0)
+    # META_T: metadata as [B, H, G, D] (transposed by the caller): one contiguous run of
+    # channels per program instead of a 2-byte write every G entries, which bound the kernel
+    # by L2 transactions
+    meta = (bh.to(tl.int64) * G + g) * D + d if META_T else grp
+    tl.store(mins_ptr + meta, m, mask=dmask)
+    tl.store(scales_ptr + meta, s, mask=dmask)
+    tl.store(sums_ptr + meta, total.to(sums_ptr.dtype.element_ty), mask=dmask)
+    r = tl.arange(0, UNITS)
+    out = packed.to(codes_ptr.dtype.element_ty)  # int16 keeps the low 16 bits
+    tl.store(codes_ptr + grp[None, :] * UNITS + r[:, None], out, mask=dmask[None, :])
 
 
 @triton.jit
@@ -106,32 +135,35 @@ def _quantize_k_kernel(
     k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
     H, C, D, skb, skh, skt,
     PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr,
-    STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
+    STAGES: tl.constexpr, PAIRS: tl.constexpr, META_T: tl.constexpr, STOCHASTIC: tl.constexpr,
+    INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     # channel blocks vary fastest, so the programs that share token rows run side by side
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     g0 = tl.program_id(1) * NG  # NG consecutive token partitions
     bh = tl.program_id(2)
-    META: tl.constexpr = mins_ptr.dtype.element_ty
-    G = C // PART
     dmask = d < D
     x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
-    # a channel's metadata is NG consecutive entries: collected here and written as one run
-    # (a 2-byte write every G entries made the kernel bound by L2 transactions)
-    j = tl.arange(0, NG)[:, None]
-    mins = tl.zeros((NG, BLOCK_D), META)
-    scales = tl.zeros((NG, BLOCK_D), META)
-    sums = tl.zeros((NG, BLOCK_D), tl.int32)
-    for jj in tl.range(0, NG):
-        m, s, total = _k_group(g0 + jj, x_ptr, nk_ptr, codes_ptr, d, dmask, bh, G, C, D, skt,
-                               PART, BITS, STOCHASTIC, INT, META, ASM)  # fmt: skip
-        mins = tl.where(j == jj, m[None, :], mins)
-        scales = tl.where(j == jj, s[None, :], scales)
-        sums = tl.where(j == jj, total[None, :], sums)
-    meta = (bh.to(tl.int64) * D + d)[None, :] * G + g0 + j
-    tl.store(mins_ptr + meta, mins, mask=dmask[None, :])
-    tl.store(scales_ptr + meta, scales, mask=dmask[None, :])
-    tl.store(sums_ptr + meta, sums.to(sums_ptr.dtype.element_ty), mask=dmask[None, :])
+    for j in tl.range(0, NG, num_stages=STAGES):
+        _k_group(g0 + j, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh,
+                 C // PART, C, D, skt, PART, BITS, PAIRS, META_T, STOCHASTIC, INT, ASM)  # fmt: skip
+
+
+@triton.jit
+def _meta_to_canonical_kernel(
+    a_src, a_dst, b_src, b_dst, c_src, c_dst, G, D,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """K's three metadata arrays [BH, G, D] -> the canonical [BH, D, G], in one launch."""
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    base = tl.program_id(2).to(tl.int64) * G * D
+    mask = (g < G)[:, None] & (d < D)[None, :]
+    src = base + g[:, None] * D + d[None, :]
+    dst = base + d[None, :] * G + g[:, None]
+    tl.store(a_dst + dst, tl.load(a_src + src, mask=mask), mask=mask)
+    tl.store(b_dst + dst, tl.load(b_src + src, mask=mask), mask=mask)
+    tl.store(c_dst + dst, tl.load(c_src + src, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -223,13 +255,28 @@ def quantize_k_tokens(
     if k.numel():
         tune = launch_params("quantize_kivi", d, partition)
         block_d = min(tune["BLOCK_D"], triton.next_power_of_2(d))
-        ng = math.gcd(c // partition, tune["NG"])  # partitions a program, dividing G
+        ng = math.gcd(c // partition, tune.get("NG", 1))  # partitions a program, dividing G
+        # 16-bit words where a channel's group is a whole number of them (PAIRS)
+        pairs = bool(tune.get("PAIRS", True)) and kq["codes"].shape[-1] % 2 == 0
+        codes = kq["codes"].view(torch.int16) if pairs else kq["codes"]
+        meta_t = bool(tune.get("META_T", True))
+        names = ("mins", "scales", "sums")
+        meta = [
+            kq[n].new_empty((bsz, heads, c // partition, d)) if meta_t else kq[n] for n in names
+        ]
         _quantize_k_kernel[(triton.cdiv(d, block_d), c // partition // ng, bsz * heads)](
-            k, _noise(k, rounding, seed, stream, token_start),
-            kq["codes"], kq["mins"], kq["scales"], kq["sums"],
+            k, _noise(k, rounding, seed, stream, token_start), codes, *meta,
             heads, c, d, k.stride(0), k.stride(1), k.stride(2),
-            BLOCK_D=block_d, NG=ng, num_warps=tune["k_warps"], **common,
+            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), PAIRS=pairs, META_T=meta_t,
+            num_warps=tune["k_warps"],
+            **common,
         )  # fmt: skip
+        if meta_t:  # [B, H, G, D] -> the canonical [B, H, D, G]
+            g = c // partition
+            _meta_to_canonical_kernel[(triton.cdiv(g, 64), triton.cdiv(d, 64), bsz * heads)](
+                meta[0], kq["mins"], meta[1], kq["scales"], meta[2], kq["sums"], g, d,
+                BLOCK_G=64, BLOCK_D=64,
+            )  # fmt: skip
     return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
                            dtype=k.dtype)  # fmt: skip
 

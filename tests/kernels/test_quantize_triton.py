@@ -13,6 +13,7 @@ import torch
 from hack_kernels import HackConfig, quantize_kv
 from hack_kernels.kv import K_STREAM, V_STREAM
 from hack_kernels.quantize import dequantize, quantize_groups
+from hack_kernels.triton import quantize as quantize_module
 from hack_kernels.triton import quantize_kivi
 from hack_kernels.triton.quantize import quantize_groups_triton, quantize_kv_triton
 from hack_kernels.triton.quantize_kivi import quantize_kivi_triton
@@ -107,12 +108,17 @@ def test_stochastic_matches_torch_and_is_unbiased():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("head_dim", "partition"), [(64, 32), (128, 64), (64, 128), (32, 32)])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("ng", [1, 2])
-def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding, ng, monkeypatch):
+@pytest.mark.parametrize("store", ["pairs+transposed meta", "bytes+canonical meta"])
+def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding, store, monkeypatch):
     """The kivi K and V kernels against quantize_groups (K along tokens, V along head_dim),
-    with one and two token partitions a K program (metadata collected in registers)."""
+    with both ways of storing K's codes and metadata."""
+    fast = store.startswith("pairs")
     params = quantize_kivi.launch_params
-    monkeypatch.setattr(quantize_kivi, "launch_params", lambda *a: {**params(*a), "NG": ng})
+    monkeypatch.setattr(
+        quantize_kivi,
+        "launch_params",
+        lambda *a: {**params(*a), "PAIRS": fast, "META_T": fast, "NG": 1 if fast else 2},
+    )
     gen = torch.Generator().manual_seed(bits * 7 + head_dim + partition)
     dtype = torch.bfloat16 if bits == 4 else torch.float16
     c = 2 * partition
@@ -132,3 +138,31 @@ def test_kivi_fused_rejects_partial_partition():
     k = torch.zeros(1, 1, 65, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="tokens 65"):
         quantize_kivi_triton(k, k, bits=2, partition=64)
+
+
+def test_kivi_kernel_dispatch():
+    """Eager calls below KIVI_EAGER_MIN_ROWS keep the generic kernel (host-bound there); graph
+    capture and large inputs take the kivi kernels; shapes they cannot take never do."""
+    big = quantize_module.KIVI_EAGER_MIN_ROWS
+    assert not quantize_module.use_kivi_kernels(big - 1, 128, 64, capturing=False)
+    assert quantize_module.use_kivi_kernels(big, 128, 64, capturing=False)
+    assert quantize_module.use_kivi_kernels(64, 128, 64, capturing=True)
+    assert not quantize_module.use_kivi_kernels(big, 96, 32, capturing=True)  # 3 groups a row
+
+
+def test_quantize_kv_large_eager_takes_kivi_path(monkeypatch):
+    """Through quantize_kv_triton with the threshold lowered: the kivi kernels run and give
+    quantize_kv's result."""
+    monkeypatch.setattr(quantize_module, "KIVI_EAGER_MIN_ROWS", 1)
+    calls = []
+    real = quantize_module.quantize_kivi_triton
+    monkeypatch.setattr(
+        quantize_module, "quantize_kivi_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    gen = torch.Generator().manual_seed(4)
+    cfg = HackConfig(partition=32, sink_tokens=2, layout="kivi")
+    k, v = (torch.randn(1, 2, 2 + 64 + 3, 64, generator=gen).half() for _ in range(2))
+    a, b = quantize_kv(k, v, cfg), quantize_kv_triton(k.to(DEVICE), v.to(DEVICE), cfg)
+    assert calls == [1]
+    _same(a.k_q, b.k_q)
+    _same(a.v_q, b.v_q)
