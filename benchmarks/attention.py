@@ -219,7 +219,6 @@ def quantize_case(cfg, copy_tbps, rows, tune):
         {"BLOCK_D": 64, "k_warps": 1, "BLOCK_T": 16, "v_warps": 2},
         {"BLOCK_D": 128, "k_warps": 2, "BLOCK_T": 32, "v_warps": 2},
         {"BLOCK_D": 128, "k_warps": 4, "BLOCK_T": 16, "v_warps": 2},
-        {"BLOCK_D": 64, "k_warps": 2, "BLOCK_T": 16, "v_warps": 2, "META_T": False},
     ] if kivi else [
         {"BLOCK_R": br, "num_warps": 4} for br in (32, 64, 128)
     ]  # fmt: skip

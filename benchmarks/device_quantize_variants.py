@@ -52,9 +52,8 @@ def main() -> None:
     print(json.dumps(rows[0]), flush=True)
     key = ("quantize_kivi", 128, 64)
     pairs = list(zip(json.loads(args.k), json.loads(args.v), strict=True))
-    for (bd, kw, *loop), (bt, vw) in pairs:  # loop: [NG, STAGES, PAIRS, META_T]
+    for (bd, kw), (bt, vw) in pairs:
         launch.TUNED[key] = {"BLOCK_D": bd, "k_warps": kw, "BLOCK_T": bt, "v_warps": vw}
-        launch.TUNED[key].update(zip(("NG", "STAGES", "PAIRS", "META_T"), loop, strict=False))
         row = dict(launch.TUNED[key])
         try:
             fk, fv = quantize_kivi_triton(*small, 2, 64, streams=(K_STREAM, V_STREAM))

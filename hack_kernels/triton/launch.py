@@ -80,7 +80,7 @@ def launch_params(kind: str, head_dim: int, partition: int) -> dict:
                 "SLOTS": SLOTS_INTERP,
             },  # fmt: skip
             "quantize": {"BLOCK_R": 64},
-            "quantize_kivi": {"BLOCK_D": 32, "BLOCK_T": 16, "k_warps": 4, "v_warps": 4, "NG": 2},
+            "quantize_kivi": {"BLOCK_D": 32, "BLOCK_T": 16, "k_warps": 4, "v_warps": 4},
             "decode_kivi": {
                 "waves": 1,
                 "min_pages": 1,

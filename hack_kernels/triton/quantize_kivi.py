@@ -12,8 +12,6 @@ Outputs are exactly the canonical QuantizedTensors of layout.py (the generic pat
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -75,78 +73,59 @@ def _k_bytes(x0, x1, x2, x3, n0, n1, n2, n3, mf, inv, PER: tl.constexpr, BITS: t
 
 
 @triton.jit
-def _k_group(
-    g, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh, G, C, D, skt,
-    PART: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr, META_T: tl.constexpr,
+def _quantize_k_kernel(
+    k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
+    H, C, D, skb, skh, skt,
+    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr,
     STOCHASTIC: tl.constexpr, INT: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
-    """Token partition g of channels d: codes, min, scale and sum per channel. PAIRS: bytes
-    2r and 2r + 1 come from separate sub-tiles and leave as one 16-bit word (codes_ptr is
-    then int16), so reordering them for the store moves half as many units."""
+    """One token partition of BLOCK_D channels: codes as 16-bit words (codes_ptr is int16;
+    bytes 2r and 2r + 1 come from separate sub-tiles, so reordering them for the store moves
+    half as many units), min, scale and code sum per channel, the metadata as [B, H, G, D]
+    (transposed by the caller: one contiguous run of channels per program instead of a 2-byte
+    write every G entries, which bound the kernel by L2 transactions)."""
+    # channel blocks vary fastest, so the programs that share token rows run side by side
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g = tl.program_id(1)  # token partition
+    bh = tl.program_id(2)
     LEVELS: tl.constexpr = (1 << BITS) - 1
     PER: tl.constexpr = 8 // BITS
-    ROWS: tl.constexpr = PART // PER  # bytes of one channel's group
-    UNITS: tl.constexpr = ROWS // 2 if PAIRS else ROWS  # stored units of one channel's group
-    STEP: tl.constexpr = 2 if PAIRS else 1
+    UNITS: tl.constexpr = PART // PER // 2  # 16-bit words of one channel's group
     META: tl.constexpr = mins_ptr.dtype.element_ty
+    G = C // PART
+    dmask = d < D
+    x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
     nbase = bh.to(tl.int64) * C * D
-    rows = g * PART + tl.arange(0, UNITS) * (STEP * PER)  # first token of byte STEP * r
+    rows = g * PART + tl.arange(0, UNITS) * (2 * PER)  # first token of byte 2r
     a0, a1, a2, a3, na0, na1, na2, na3 = _k_sub_tiles(
         x_ptr, nk_ptr, rows, d, dmask, skt, nbase, D, PER, STOCHASTIC
+    )
+    b0, b1, b2, b3, nb0, nb1, nb2, nb3 = _k_sub_tiles(  # the odd bytes
+        x_ptr, nk_ptr, rows + PER, d, dmask, skt, nbase, D, PER, STOCHASTIC
     )
     # extremes in the input dtype (exact), two to an instruction; masked channels read 0
     lo = tl.minimum(tl.minimum(a0, a1), tl.minimum(a2, a3))
     hi = tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3))
-    b0, b1, b2, b3, nb0, nb1, nb2, nb3 = a0, a1, a2, a3, na0, na1, na2, na3
-    if PAIRS:  # the odd bytes
-        b0, b1, b2, b3, nb0, nb1, nb2, nb3 = _k_sub_tiles(
-            x_ptr, nk_ptr, rows + PER, d, dmask, skt, nbase, D, PER, STOCHASTIC
-        )
-        lo = tl.minimum(lo, tl.minimum(tl.minimum(b0, b1), tl.minimum(b2, b3)))
-        hi = tl.maximum(hi, tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)))
+    lo = tl.minimum(lo, tl.minimum(tl.minimum(b0, b1), tl.minimum(b2, b3)))
+    hi = tl.maximum(hi, tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)))
     lo = tl.min(lo, axis=0).to(tl.float32)
     hi = tl.max(hi, axis=0).to(tl.float32)
     m, s, inv = group_min_scale(lo, hi, LEVELS, META, INT)
     mf = m.to(tl.float32)[None, :]
     inv = inv[None, :]
-    packed, total = _k_bytes(a0, a1, a2, a3, na0, na1, na2, na3, mf, inv, PER, BITS,
-                             STOCHASTIC, ASM)  # fmt: skip
-    if PAIRS:
-        odd, total_odd = _k_bytes(b0, b1, b2, b3, nb0, nb1, nb2, nb3, mf, inv, PER, BITS,
-                                  STOCHASTIC, ASM)  # fmt: skip
-        packed = packed | (odd << 8)  # little-endian: the even byte first
-        total += total_odd
-    total = tl.sum(total, axis=0)
-    grp = (bh.to(tl.int64) * D + d) * G + g  # canonical K: [B, H, D, G, ROWS]
-    # META_T: metadata as [B, H, G, D] (transposed by the caller): one contiguous run of
-    # channels per program instead of a 2-byte write every G entries, which bound the kernel
-    # by L2 transactions
-    meta = (bh.to(tl.int64) * G + g) * D + d if META_T else grp
+    even, total = _k_bytes(a0, a1, a2, a3, na0, na1, na2, na3, mf, inv, PER, BITS,
+                           STOCHASTIC, ASM)  # fmt: skip
+    odd, total_odd = _k_bytes(b0, b1, b2, b3, nb0, nb1, nb2, nb3, mf, inv, PER, BITS,
+                              STOCHASTIC, ASM)  # fmt: skip
+    total = tl.sum(total + total_odd, axis=0)
+    meta = (bh.to(tl.int64) * G + g) * D + d
     tl.store(mins_ptr + meta, m, mask=dmask)
     tl.store(scales_ptr + meta, s, mask=dmask)
     tl.store(sums_ptr + meta, total.to(sums_ptr.dtype.element_ty), mask=dmask)
+    grp = (bh.to(tl.int64) * D + d) * G + g  # canonical K codes: [B, H, D, G, 2 * UNITS]
+    words = (even | (odd << 8)).to(tl.int16)  # little-endian: the even byte first
     r = tl.arange(0, UNITS)
-    out = packed.to(codes_ptr.dtype.element_ty)  # int16 keeps the low 16 bits
-    tl.store(codes_ptr + grp[None, :] * UNITS + r[:, None], out, mask=dmask[None, :])
-
-
-@triton.jit
-def _quantize_k_kernel(
-    k_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr,
-    H, C, D, skb, skh, skt,
-    PART: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr,
-    STAGES: tl.constexpr, PAIRS: tl.constexpr, META_T: tl.constexpr, STOCHASTIC: tl.constexpr,
-    INT: tl.constexpr, ASM: tl.constexpr,
-):  # fmt: skip
-    # channel blocks vary fastest, so the programs that share token rows run side by side
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    g0 = tl.program_id(1) * NG  # NG consecutive token partitions
-    bh = tl.program_id(2)
-    dmask = d < D
-    x_ptr = k_ptr + (bh // H).to(tl.int64) * skb + (bh % H).to(tl.int64) * skh
-    for j in tl.range(0, NG, num_stages=STAGES):
-        _k_group(g0 + j, x_ptr, nk_ptr, codes_ptr, mins_ptr, scales_ptr, sums_ptr, d, dmask, bh,
-                 C // PART, C, D, skt, PART, BITS, PAIRS, META_T, STOCHASTIC, INT, ASM)  # fmt: skip
+    tl.store(codes_ptr + grp[None, :] * UNITS + r[:, None], words, mask=dmask[None, :])
 
 
 @triton.jit
@@ -255,28 +234,18 @@ def quantize_k_tokens(
     if k.numel():
         tune = launch_params("quantize_kivi", d, partition)
         block_d = min(tune["BLOCK_D"], triton.next_power_of_2(d))
-        ng = math.gcd(c // partition, tune.get("NG", 1))  # partitions a program, dividing G
-        # 16-bit words where a channel's group is a whole number of them (PAIRS)
-        pairs = bool(tune.get("PAIRS", True)) and kq["codes"].shape[-1] % 2 == 0
-        codes = kq["codes"].view(torch.int16) if pairs else kq["codes"]
-        meta_t = bool(tune.get("META_T", True))
-        names = ("mins", "scales", "sums")
-        meta = [
-            kq[n].new_empty((bsz, heads, c // partition, d)) if meta_t else kq[n] for n in names
-        ]
-        _quantize_k_kernel[(triton.cdiv(d, block_d), c // partition // ng, bsz * heads)](
-            k, _noise(k, rounding, seed, stream, token_start), codes, *meta,
-            heads, c, d, k.stride(0), k.stride(1), k.stride(2),
-            BLOCK_D=block_d, NG=ng, STAGES=tune.get("STAGES", 1), PAIRS=pairs, META_T=meta_t,
-            num_warps=tune["k_warps"],
-            **common,
+        g = c // partition
+        # metadata as [B, H, G, D], then one transpose launch (see _quantize_k_kernel)
+        meta = [kq[n].new_empty((bsz, heads, g, d)) for n in ("mins", "scales", "sums")]
+        _quantize_k_kernel[(triton.cdiv(d, block_d), g, bsz * heads)](
+            k, _noise(k, rounding, seed, stream, token_start), kq["codes"].view(torch.int16),
+            *meta, heads, c, d, k.stride(0), k.stride(1), k.stride(2),
+            BLOCK_D=block_d, num_warps=tune["k_warps"], **common,
         )  # fmt: skip
-        if meta_t:  # [B, H, G, D] -> the canonical [B, H, D, G]
-            g = c // partition
-            _meta_to_canonical_kernel[(triton.cdiv(g, 64), triton.cdiv(d, 64), bsz * heads)](
-                meta[0], kq["mins"], meta[1], kq["scales"], meta[2], kq["sums"], g, d,
-                BLOCK_G=64, BLOCK_D=64,
-            )  # fmt: skip
+        _meta_to_canonical_kernel[(triton.cdiv(g, 64), triton.cdiv(d, 64), bsz * heads)](
+            meta[0], kq["mins"], meta[1], kq["scales"], meta[2], kq["sums"], g, d,
+            BLOCK_G=64, BLOCK_D=64,
+        )  # fmt: skip
     return QuantizedTensor(**kq, shape=tuple(k.shape), dim=2, bits=bits, partition=partition,
                            dtype=k.dtype)  # fmt: skip
 

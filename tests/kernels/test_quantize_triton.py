@@ -14,7 +14,6 @@ from hack_kernels import HackConfig, quantize_kv
 from hack_kernels.kv import K_STREAM, V_STREAM
 from hack_kernels.quantize import dequantize, quantize_groups
 from hack_kernels.triton import quantize as quantize_module
-from hack_kernels.triton import quantize_kivi
 from hack_kernels.triton.quantize import quantize_groups_triton, quantize_kv_triton
 from hack_kernels.triton.quantize_kivi import quantize_kivi_triton
 
@@ -108,17 +107,8 @@ def test_stochastic_matches_torch_and_is_unbiased():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("head_dim", "partition"), [(64, 32), (128, 64), (64, 128), (32, 32)])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("store", ["pairs+transposed meta", "bytes+canonical meta"])
-def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding, store, monkeypatch):
-    """The kivi K and V kernels against quantize_groups (K along tokens, V along head_dim),
-    with both ways of storing K's codes and metadata."""
-    fast = store.startswith("pairs")
-    params = quantize_kivi.launch_params
-    monkeypatch.setattr(
-        quantize_kivi,
-        "launch_params",
-        lambda *a: {**params(*a), "PAIRS": fast, "META_T": fast, "NG": 1 if fast else 2},
-    )
+def test_kivi_fused_matches_pytorch(bits, head_dim, partition, rounding):
+    """The kivi K and V kernels against quantize_groups (K along tokens, V along head_dim)."""
     gen = torch.Generator().manual_seed(bits * 7 + head_dim + partition)
     dtype = torch.bfloat16 if bits == 4 else torch.float16
     c = 2 * partition
