@@ -126,10 +126,14 @@ class QuantizedKV:
     def head_dim(self) -> int:
         return self.k_open.shape[3]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor that holds this KV (16-bit parts and both quantized tensors')."""
+        raw = (self.k_sink, self.v_sink, self.k_open, self.v_open)
+        return raw + self.k_q.tensors() + self.v_q.tensors()
+
     @property
     def nbytes(self) -> int:
-        raw = (self.k_sink, self.v_sink, self.k_open, self.v_open)
-        return self.k_q.nbytes + self.v_q.nbytes + sum(t.numel() * t.element_size() for t in raw)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def nbytes_16bit(self) -> int:
         """Bytes of the same K and V held entirely in 16-bit."""

@@ -48,11 +48,12 @@ class QuantizedTensor:
     def lead_shape(self) -> tuple[int, ...]:
         return tuple(s for i, s in enumerate(self.shape) if i != self.dim)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.codes, self.mins, self.scales, self.sums)
+
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.codes, self.mins, self.scales, self.sums)
-        )
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def unpacked_codes(self) -> torch.Tensor:
         """Integer codes [*lead, groups, partition] (padding of a short last group is 0)."""

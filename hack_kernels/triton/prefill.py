@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import HackConfig
-from ..kv import QuantizedKV
+from ..kv import QuantizedKV, _check_kv
 from .kivi_launch import run_kivi_attention
 from .kivi_pages import kivi_pages
 from .launch import run_attention
@@ -86,6 +86,7 @@ def prefill_attention(
     out_dtype: torch.dtype | None = None,
     validate: bool = True,
     out: torch.Tensor | None = None,
+    overlap: bool = True,
 ) -> tuple[torch.Tensor, QuantizedKV]:
     """Attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D] plus the QuantizedKV to ship.
 
@@ -94,19 +95,54 @@ def prefill_attention(
     against 0.18x for "hack" (benchmarks/results/attention_notes.md), and is exact.
     mode "hack": attend over the codes with HACK's arithmetic (equal to reference_attention of
     the returned QuantizedKV), in either layout. For "fp16" with causal=True, q and k must have the
-    same length (SDPA aligns the causal mask to the top left).
+    same length (SDPA aligns the causal mask to the top left). overlap (CUDA, fp16 mode):
+    quantize on a side stream while SDPA runs; the result is the same either way.
     """
     config = config or HackConfig()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if validate:
         _check_q(q, k)
-    qkv = quantize_kv_triton(k, v, config, validate=validate)
     if mode == "fp16":
         if causal and q.shape[2] != k.shape[2]:
             raise ValueError("mode 'fp16' with causal=True needs q_len == kv_len; use mode 'hack'")
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=sm_scale, enable_gqa=True
-        )
+        if validate:
+            _check_kv(k, v)  # before any work is queued, so bad input leaves no stream behind
+        if q.is_cuda and overlap:
+            out, qkv = _attend16_beside_quantize(q, k, v, config, causal, sm_scale)
+        else:
+            out = _attend16(q, k, v, causal, sm_scale)
+            qkv = quantize_kv_triton(k, v, config, validate=False)
         return out.to(out_dtype or q.dtype), qkv
+    qkv = quantize_kv_triton(k, v, config, validate=validate)
     return attend_quantized(q, qkv, causal, sm_scale, out_dtype, out), qkv
+
+
+def _attend16(q, k, v, causal: bool, sm_scale: float | None) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=sm_scale, enable_gqa=True
+    )
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _attend16_beside_quantize(q, k, v, config: HackConfig, causal: bool, sm_scale: float | None):
+    """SDPA on the caller's stream while K and V are quantized on a side stream: attention is
+    compute-bound and quantize-and-pack memory-bound, so the second hides under the first
+    (and so does the host time of its launches). SDPA is queued first so the GPU starts on it
+    at once; the caller's stream waits for both before anything after this call."""
+    main = torch.cuda.current_stream(q.device)
+    side = _SIDE_STREAMS.setdefault(q.device, torch.cuda.Stream(q.device))
+    side.wait_stream(main)  # K and V as the caller's stream left them (not SDPA: queued after)
+    out = _attend16(q, k, v, causal, sm_scale)
+    with torch.cuda.stream(side):
+        qkv = quantize_kv_triton(k, v, config, validate=False)
+    main.wait_stream(side)
+    # caching-allocator bookkeeping across the two streams: the caller may drop K and V at
+    # once (side may still read them), and qkv was allocated on side but is used on main
+    k.record_stream(side)
+    v.record_stream(side)
+    for t in qkv.tensors():
+        t.record_stream(main)
+    return out, qkv

@@ -79,6 +79,40 @@ def test_prefill_fp16_mode_and_kivi_layout():
     assert rel_written(out, reference_attention(q, quantize_kv(k, v, cfg))) <= TOL
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("layout", ["kivi", "paper"])
+def test_prefill_fp16_mode_ships_the_reference_codes(overlap, layout):
+    """fp16 mode quantizes beside SDPA (a side stream on CUDA): the shipped QuantizedKV is the
+    PyTorch path's bit for bit and the output is float64 attention, whatever the overlap."""
+    gen = torch.Generator().manual_seed(11)
+    t, d = 65, 64  # one partition and one open token
+    cfg = HackConfig(partition=64, sink_tokens=1, layout=layout)
+    q = torch.randn(2, 4, t, d, generator=gen).half()
+    k, v = _kv(gen, 2, 2, t, d, torch.float16)
+    qd, kd, vd = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    out, qkv = prefill_attention(qd, kd, vd, cfg, mode="fp16", overlap=overlap)
+    # the caller drops K and V at once and allocates: on CUDA the memory may be handed out
+    # again, which must wait for the side stream's reads (record_stream)
+    del kd, vd
+    torch.full((4, 2, t, d), float("nan"), dtype=torch.float16, device=DEVICE)
+    want = quantize_kv(k, v, cfg)
+    for got_t, want_t in zip(qkv.tensors(), want.tensors(), strict=True):
+        assert torch.equal(got_t.cpu(), want_t), "shipped codes differ from quantize_kv"
+    kk, vv = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) / d**0.5
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -torch.inf)
+    assert rel_written(out.double().cpu(), torch.softmax(s, -1) @ vv) <= 2e-3
+
+
+def test_prefill_fp16_mode_rejects_nonfinite_kv():
+    q = torch.zeros(1, 2, 8, 64, device=DEVICE, dtype=torch.float16)
+    k = torch.zeros(1, 1, 8, 64, device=DEVICE, dtype=torch.float16)
+    bad = k.clone()
+    bad[0, 0, 3, 5] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        prefill_attention(q, k, bad, HackConfig(partition=32), mode="fp16")
+
+
 def test_prefill_bad_input():
     q = torch.zeros(1, 3, 4, 64)
     k = torch.zeros(1, 2, 4, 64)
