@@ -91,8 +91,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="[[2, 2, 32, 2, 2, 0]]",
-        help="JSON list of [warps, unpack, waves, slots, min pages a split, register cap"
-        " (, programmatic dependent launch of the merge: 0/1, default 1)]",
+        help="JSON list of [warps, unpack, waves, slots, min pages a split, register cap]",
     )
     args = ap.parse_args()
     pairs = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -102,10 +101,9 @@ def main() -> None:
     # a fused merge of the partials by the last program (atomic arrival counter) was measured
     # slower everywhere and removed: attention_h100_kivi_merge_variants.json
     variants = json.loads(args.variants)
-    for warps, unpack, waves, slots, minp, maxnreg, *pdl in variants:
+    for warps, unpack, waves, slots, minp, maxnreg in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
-                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg,
-                "PDL": bool(pdl[0]) if pdl else True}  # fmt: skip
+                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg}  # fmt: skip
         if True:
             launch.TUNED[key] = conf
             row = {**conf}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 
 @triton.jit
@@ -369,13 +368,9 @@ def hack_attn_kernel(
 
 @triton.jit
 def combine_splits_kernel(
-    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr = False,
+    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr
 ):  # fmt: skip
-    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's splits.
-    PDL: launched as a programmatic dependent of the split kernel, so wait for its writes."""
-    if PDL:
-        gdc_wait()
+    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's splits."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     smask = sp < NSPLIT

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from .attention_kernel import _pick, _seq_finish, _seq_start
 
@@ -208,10 +207,8 @@ def kivi_attn_kernel(
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
-    UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr, PDL: tl.constexpr = False,
+    UNPACK: tl.constexpr, ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # the merge of the splits may be scheduled now; it waits for this grid's writes
-        gdc_launch_dependents()
     # UNPACK 1: K and V as plane tiles joined in registers; 2: K by D-planes, one product each
     # (no join; D / 4 >= 32 channels), V joined. ASM: planes by packed PTX (GPU only)
     PER: tl.constexpr = 8 // BITS

@@ -94,10 +94,6 @@ def run_kivi_attention(
     launch["ASM"] = not consts["INTERP"] and bool(params.get("ASM", True))
     launch["SLOTS"] = slots
     launch["enable_fp_fusion"] = bool(params.get("FP_FUSION", True))
-    # decode: the merge launches as a programmatic dependent (Hopper and later), so its launch
-    # latency hides under the split kernel's tail
-    pdl = decode and _pdl_capable(q) and bool(params.get("PDL", True))
-    launch["PDL"] = pdl
     if params.get("maxnreg") and not consts["INTERP"]:
         launch["maxnreg"] = int(params["maxnreg"])  # register cap: occupancy against spills
     compiled = kivi_attn_kernel[grid](
@@ -111,11 +107,6 @@ def run_kivi_attention(
     LAST_COMPILED[(kind, d, partition)] = compiled
     if decode:
         combine_splits_kernel[(b * hq,)](
-            part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts)),
-            PDL=pdl, **({"launch_pdl": True} if pdl else {}),
-        )  # fmt: skip
+            part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts))
+        )
     return out
-
-
-def _pdl_capable(q: torch.Tensor) -> bool:
-    return q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9

@@ -13,6 +13,13 @@ from .quantize import quantize_kv_triton
 
 MODES = ("hack", "fp16")
 
+# fp16 mode quantizes beside SDPA up to this many K rows (batch x kv heads x tokens). H100,
+# Llama-8B shapes (attention_notes.md): at 4K tokens (32K rows) the overlap hides the quantize
+# launches (1.00x of SDPA against 0.89x one after the other); at 16K and 32K it was slower than
+# one after the other (0.97 / 0.95x against 1.03 / 1.01x): the concurrent streaming pass costs
+# attention more than it saves.
+OVERLAP_MAX_KV_ROWS = 1 << 16
+
 
 def _check_q(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dim() != 4:
@@ -86,7 +93,7 @@ def prefill_attention(
     out_dtype: torch.dtype | None = None,
     validate: bool = True,
     out: torch.Tensor | None = None,
-    overlap: bool = True,
+    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, QuantizedKV]:
     """Attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D] plus the QuantizedKV to ship.
 
@@ -96,7 +103,8 @@ def prefill_attention(
     mode "hack": attend over the codes with HACK's arithmetic (equal to reference_attention of
     the returned QuantizedKV), in either layout. For "fp16" with causal=True, q and k must have the
     same length (SDPA aligns the causal mask to the top left). overlap (CUDA, fp16 mode):
-    quantize on a side stream while SDPA runs; the result is the same either way.
+    quantize on a side stream while SDPA runs (None: up to OVERLAP_MAX_KV_ROWS); the result
+    is the same either way.
     """
     config = config or HackConfig()
     if mode not in MODES:
@@ -108,6 +116,8 @@ def prefill_attention(
             raise ValueError("mode 'fp16' with causal=True needs q_len == kv_len; use mode 'hack'")
         if validate:
             _check_kv(k, v)  # before any work is queued, so bad input leaves no stream behind
+        if overlap is None:
+            overlap = k.shape[0] * k.shape[1] * k.shape[2] <= OVERLAP_MAX_KV_ROWS
         if q.is_cuda and overlap:
             out, qkv = _attend16_beside_quantize(q, k, v, config, causal, sm_scale)
         else:
