@@ -18,6 +18,12 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 # benchmarks/results/transfer_notes.md). Both ends set it; the environment still wins.
 os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", "512k")
 os.environ.setdefault("UCX_TCP_RX_SEG_SIZE", "512k")
+# ucxx makes every endpoint with peer error handling, and UCX leaves its shared-memory transports
+# (posix, sysv) out of such endpoints unless they expose error handling, which is off by default
+# (openucx/ucx#6595): two processes on one host talked over tcp/lo. With it on they use sysv
+# (p64 frames 45 -> 33 ms a request, transfer_notes.md); a dead peer is still noticed through the
+# tcp connection manager and UCX's keepalive. Peers on other hosts keep tcp; the environment wins.
+os.environ.setdefault("UCX_MM_ERROR_HANDLING", "y")
 import ucxx  # noqa: E402  (configured by the environment above)
 
 

@@ -2,6 +2,8 @@
 
 python peer.py receive KIND       -> prints the port, serves until killed
 python peer.py send KIND PORT MB  -> sends one throttled transfer of about MB megabytes
+python peer.py serve KIND N       -> prints the port, then per transfer COMMIT key xxh3 (of its
+                                     frames) or REJECT tensor; exits cleanly after N transfers
 """
 
 from __future__ import annotations
@@ -31,6 +33,25 @@ async def receive(kind: str) -> None:
     await asyncio.Event().wait()
 
 
+async def serve(kind: str, count: int) -> None:
+    import xxhash
+
+    def commit(key: str, blocks: list) -> None:
+        digest = xxhash.xxh3_64_hexdigest(b"".join(wire.encode_frame(b) for b in blocks))
+        print(f"COMMIT {key} {digest}", flush=True)
+        committed.append(key)
+
+    committed: list[str] = []
+    rcv = make_receiver(kind, commit=commit)
+    _, port = await rcv.start()
+    print(f"PORT {port}", flush=True)
+    while len(committed) + len(rcv.rejected) + rcv.aborted < count:
+        await asyncio.sleep(0.05)
+    for why in rcv.rejected:
+        print(f"REJECT {why}", flush=True)
+    await rcv.close()  # a clean exit: UCX prints what UCX_PROTO_INFO asks for
+
+
 async def send(kind: str, port: int, mb: int) -> None:
     s = make_sender(kind, "127.0.0.1", port, bandwidth=8e6, timeout=120)
     print("sending", flush=True)
@@ -40,5 +61,7 @@ async def send(kind: str, port: int, mb: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "receive":
         asyncio.run(receive(sys.argv[2]))
+    elif sys.argv[1] == "serve":
+        asyncio.run(serve(sys.argv[2], int(sys.argv[3])))
     else:
         asyncio.run(send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
