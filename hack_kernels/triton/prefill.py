@@ -13,13 +13,6 @@ from .quantize import quantize_kv_triton
 
 MODES = ("hack", "fp16")
 
-# fp16 mode quantizes beside SDPA up to this many K rows (batch x kv heads x tokens). H100,
-# Llama-8B shapes (attention_notes.md): at 4K tokens (32K rows) the overlap hides the quantize
-# launches (1.00x of SDPA against 0.89x one after the other); at 16K and 32K it was slower than
-# one after the other (0.97 / 0.95x against 1.03 / 1.01x): the concurrent streaming pass costs
-# attention more than it saves.
-OVERLAP_MAX_KV_ROWS = 1 << 16
-
 
 def _check_q(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dim() != 4:
@@ -93,18 +86,15 @@ def prefill_attention(
     out_dtype: torch.dtype | None = None,
     validate: bool = True,
     out: torch.Tensor | None = None,
-    overlap: bool | None = None,
 ) -> tuple[torch.Tensor, QuantizedKV]:
     """Attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D] plus the QuantizedKV to ship.
 
     mode "fp16" (default): attend over the 16-bit K and V with torch SDPA and only store the
-    codes (the authors' artifact does the same); on the H100 it runs at 0.97x of SDPA alone
-    against 0.18x for "hack" (benchmarks/results/attention_notes.md), and is exact.
+    codes (the authors' artifact does the same); on the H100 it runs at 0.94-0.99x of SDPA alone
+    against 0.10-0.11x for "hack" (benchmarks/results/attention_notes.md), and is exact.
     mode "hack": attend over the codes with HACK's arithmetic (equal to reference_attention of
     the returned QuantizedKV), in either layout. For "fp16" with causal=True, q and k must have the
-    same length (SDPA aligns the causal mask to the top left). overlap (CUDA, fp16 mode):
-    quantize on a side stream while SDPA runs (None: up to OVERLAP_MAX_KV_ROWS); the result
-    is the same either way.
+    same length (SDPA aligns the causal mask to the top left).
     """
     config = config or HackConfig()
     if mode not in MODES:
@@ -115,14 +105,11 @@ def prefill_attention(
         if causal and q.shape[2] != k.shape[2]:
             raise ValueError("mode 'fp16' with causal=True needs q_len == kv_len; use mode 'hack'")
         if validate:
-            _check_kv(k, v)  # before any work is queued, so bad input leaves no stream behind
-        if overlap is None:
-            overlap = k.shape[0] * k.shape[1] * k.shape[2] <= OVERLAP_MAX_KV_ROWS
-        if q.is_cuda and overlap:
-            out, qkv = _attend16_beside_quantize(q, k, v, config, causal, sm_scale)
-        else:
-            out = _attend16(q, k, v, causal, sm_scale)
-            qkv = quantize_kv_triton(k, v, config, validate=False)
+            _check_kv(k, v)  # before any GPU work is queued
+        # SDPA, then quantize: a side stream for the quantize pass measured slower on the H100
+        # (16K / 32K: 0.97 / 0.95x of SDPA against 1.02 / 0.99x; 4K: 0.34-1.00x, host-bound)
+        out = _attend16(q, k, v, causal, sm_scale)
+        qkv = quantize_kv_triton(k, v, config, validate=False)
         return out.to(out_dtype or q.dtype), qkv
     qkv = quantize_kv_triton(k, v, config, validate=validate)
     return attend_quantized(q, qkv, causal, sm_scale, out_dtype, out), qkv
@@ -132,27 +119,3 @@ def _attend16(q, k, v, causal: bool, sm_scale: float | None) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), is_causal=causal, scale=sm_scale, enable_gqa=True
     )
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _attend16_beside_quantize(q, k, v, config: HackConfig, causal: bool, sm_scale: float | None):
-    """SDPA on the caller's stream while K and V are quantized on a side stream: attention is
-    compute-bound and quantize-and-pack memory-bound, so the second hides under the first
-    (and so does the host time of its launches). SDPA is queued first so the GPU starts on it
-    at once; the caller's stream waits for both before anything after this call."""
-    main = torch.cuda.current_stream(q.device)
-    side = _SIDE_STREAMS.setdefault(q.device, torch.cuda.Stream(q.device))
-    side.wait_stream(main)  # K and V as the caller's stream left them (not SDPA: queued after)
-    out = _attend16(q, k, v, causal, sm_scale)
-    with torch.cuda.stream(side):
-        qkv = quantize_kv_triton(k, v, config, validate=False)
-    main.wait_stream(side)
-    # caching-allocator bookkeeping across the two streams: the caller may drop K and V at
-    # once (side may still read them), and qkv was allocated on side but is used on main
-    k.record_stream(side)
-    v.record_stream(side)
-    for t in qkv.tensors():
-        t.record_stream(main)
-    return out, qkv
