@@ -5,6 +5,7 @@ received straight into the payload buffer. Without RDMA, UCX runs over tcp and s
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 
@@ -18,13 +19,22 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 # benchmarks/results/transfer_notes.md). Both ends set it; the environment still wins.
 os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", "512k")
 os.environ.setdefault("UCX_TCP_RX_SEG_SIZE", "512k")
+import ucxx  # noqa: E402  (configured by the environment above)
+
+log = logging.getLogger(__name__)
+
 # ucxx makes every endpoint with peer error handling, and UCX leaves its shared-memory transports
 # (posix, sysv) out of such endpoints unless they expose error handling, which is off by default
 # (openucx/ucx#6595): two processes on one host talked over tcp/lo. With it on they use sysv
 # (p64 frames 45 -> 33 ms a request, transfer_notes.md); a dead peer is still noticed through the
-# tcp connection manager and UCX's keepalive. Peers on other hosts keep tcp; the environment wins.
-os.environ.setdefault("UCX_MM_ERROR_HANDLING", "y")
-import ucxx  # noqa: E402  (configured by the environment above)
+# tcp connection manager and UCX's keepalive. Peers on other hosts keep tcp. Given to ucxx's own
+# context, not the environment: NIXL's UCX reads the same variables, and with shared memory its
+# receiver missed a killed sender. UCX_MM_ERROR_HANDLING in the environment wins.
+UCXX_OPTIONS = {"MM_ERROR_HANDLING": "y"}
+try:
+    ucxx.init(options=UCXX_OPTIONS, env_takes_precedence=True)
+except RuntimeError:  # ucxx was started before this module: its settings stand
+    log.warning("ucxx already initialised; UCX shared memory may stay off (%s)", UCXX_OPTIONS)
 
 
 class UcxChannel:

@@ -1,5 +1,5 @@
-"""UCX between two processes of one host: shared memory by default (ucx.py sets
-UCX_MM_ERROR_HANDLING=y), tcp when the environment says otherwise, and either way bit-exact
+"""UCX between two processes of one host: shared memory by default (ucx.py starts ucxx with
+MM_ERROR_HANDLING=y), tcp when the environment says otherwise, and either way bit-exact
 transfers and a flipped byte rejected by name. UCX itself reports the transport it used
 (UCX_PROTO_INFO=used, printed by the receiver process when it exits)."""
 
@@ -124,3 +124,20 @@ def test_ucx_across_processes(mm_error_handling):
         assert data & SHM and "tcp/lo" not in data, used
     else:
         assert "tcp/lo" in data and not data & SHM, used
+
+
+def test_setting_stays_out_of_the_environment():
+    """The shared-memory switch goes to ucxx's context only: NIXL's UCX reads the same
+    environment, and with shared memory its receiver did not notice a killed sender."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_MM")}
+    # The module starts ucxx with the option (whether UCX then uses shared memory is checked
+    # across processes above); the environment keeps no trace of it.
+    code = (
+        "import os, hack_transport.transports.ucx as u, ucxx.core as c;"
+        "print(os.environ.get('UCX_MM_ERROR_HANDLING'), c._ctx is not None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout.split()[-2:] == ["None", "True"], out.stdout
