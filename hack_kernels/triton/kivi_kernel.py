@@ -203,7 +203,7 @@ def kivi_attn_kernel(
     vcs_ptr, svs_b, svs_p, svs_h,
     ks_ptr, vs_ptr, sks_b, sks_h, sks_t,
     ko_ptr, vo_ptr, sko_b, sko_h, sko_t,
-    M, NSINK, NSPLIT, NHG, G, qk_scale,
+    M, NSINK, NSPLIT, NHG, G, BT_COLS, qk_scale,
     D: tl.constexpr, PART: tl.constexpr, BITS: tl.constexpr, E: tl.constexpr, W: tl.constexpr,
     GR: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr, BLOCK16: tl.constexpr,
@@ -256,8 +256,16 @@ def kivi_attn_kernel(
         p_hi = tl.minimum(p_hi, tl.cdiv(last_q + 1 - n_sink, PART))
     bk = b.to(tl.int64)
     if SLOTS == 1:
-        for j in range(p_lo, p_hi):
-            pg = tl.load(bt_ptr + b * sbt_b + j).to(tl.int64)
+        # split k scores pages k, k + NSPLIT, ...: the first page's id is read before the
+        # sequence length arrives (one page a split, the short path, waits on one load fewer)
+        j_hi = n_pages
+        if CAUSAL:
+            j_hi = tl.minimum(j_hi, p_hi)
+        pg_next = tl.load(bt_ptr + b * sbt_b + split, mask=split < BT_COLS, other=0)
+        for j in range(split, j_hi, NSPLIT):
+            pg = pg_next.to(tl.int64)
+            nxt = j + NSPLIT
+            pg_next = tl.load(bt_ptr + b * sbt_b + nxt, mask=nxt < j_hi, other=0)
 
             # scores = s_q (c_q . k_codes) + Q . m_k, Q' = Q * s_k rounded per row
             k_rows = kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h + tok * skc_t

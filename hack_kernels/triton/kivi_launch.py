@@ -101,7 +101,7 @@ def run_kivi_attention(
         *o_args, *ml_args,
         seq_lens, block_tables, bt_batch_stride,
         *page_args, *sinks, *opens,
-        m, n_sink, num_splits, nhg, g, scale,
+        m, n_sink, num_splits, nhg, g, block_tables.shape[-1], scale,
         **consts, **shape, **launch,
     )  # fmt: skip
     LAST_COMPILED[(kind, d, partition)] = compiled

@@ -126,6 +126,7 @@ DECODE_CASES = [
     (128, 64, 0, [127, 5], 8, 2, torch.float16, 2),  # 127 -> 128 closes a page during append
     (64, 128, 0, [126, 129], 8, 2, torch.bfloat16, 2),
     (128, 32, 4, [3, 66], 1, 1, torch.float16, 4),  # fewer tokens than sinks; 4-bit
+    (64, 32, 0, [200, 97], 4, 2, torch.float16, 2),  # 6 and 3 pages: 2 a split at 3 splits
 ]
 
 
