@@ -32,6 +32,7 @@ from hack_kernels import HackConfig, quantize_kv
 
 from . import wire
 from .bufpool import PayloadPool
+from .link import EmulatedLink
 from .transports import make_receiver, make_sender
 from .transports.tcp import tune
 
@@ -314,27 +315,23 @@ def _serve(kind: str) -> None:
 
 def raw_socket_send(port: int, frames: list[list[wire.Buffer]], bandwidth: float | None) -> float:
     """Blocking sendall of the same buffers, after the frame count and sizes; returns seconds to
-    the ack."""
+    the ack (and, under a bandwidth limit, to the emulated link's last byte, as the transports)."""
     bufs = [memoryview(x).cast("B") for f in frames for x in f]
     sizes = [sum(memoryview(x).nbytes for x in f) for f in frames]
-    bucket_rate, burst = (bandwidth / 8, 256 << 10) if bandwidth else (None, 0)
+    link = EmulatedLink(bandwidth / 8) if bandwidth else None  # the transports' link model
     t0 = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as s:
         tune(s)
         s.setblocking(True)
         s.sendall(struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes))
-        sent = 0
-        for b in bufs:
-            for i in range(0, len(b), burst or len(b) or 1):
-                piece = b[i : i + burst] if burst else b
-                if bucket_rate:  # same pacing as transports' TokenBucket: ahead of schedule -> wait
-                    ahead = (sent + len(piece) - burst) / bucket_rate - (time.perf_counter() - t0)
-                    if ahead > 0:
-                        time.sleep(ahead)
-                s.sendall(piece)
-                sent += len(piece)
+        for b in bufs:  # buffer by buffer, as the transports' throttled channel sends them
+            if link is not None:
+                link.take_blocking(len(b))
+            s.sendall(b)
         if s.recv(1) != b"\1":
             raise ConnectionError("raw-socket receiver did not acknowledge")
+    if link is not None:
+        link.drain_blocking()
     return time.perf_counter() - t0
 
 
@@ -619,7 +616,7 @@ def plot(result: dict, path: Path) -> None:
                 )
     ax.set_xlabel("emulated link (Gbit/s)")
     ax.set_ylabel("seconds per request")
-    ax.set_title("transfer time under a token-bucket link")
+    ax.set_title("transfer time over an emulated link")
     if bws:
         ax.legend(fontsize=7)
     fig.tight_layout()

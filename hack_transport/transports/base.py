@@ -28,6 +28,7 @@ import msgpack
 
 from .. import wire
 from ..bufpool import PayloadPool
+from ..link import EmulatedLink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -194,36 +195,16 @@ class Channel(Protocol):
     async def recv_into(self, mv: memoryview) -> None: ...
 
 
-class TokenBucket:
-    """Emulates a link of `rate` bytes/s. A send goes out once the bucket holds no debt and then
-    pays for its bytes, so the wait for slice i overlaps the real sending of slice i - 1 (a
-    pay-first bucket would add its wait to a socket that is slower than the emulated link)."""
-
-    def __init__(self, rate: float, burst: int = 256 << 10):
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
-        self.rate, self.burst = rate, burst
-        self._tokens, self._t = float(burst), time.perf_counter()
-
-    async def take(self, n: int) -> None:
-        now = time.perf_counter()
-        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
-        self._t = now
-        if self._tokens < 0:  # earlier sends are not yet paid for at this rate
-            await asyncio.sleep(-self._tokens / self.rate)
-        self._tokens -= n
-
-
 class ThrottledChannel:
-    """A channel whose sends go through a token bucket (the --bandwidth-limit of the benchmark)."""
+    """A channel whose sends go through an emulated link (the --bandwidth-limit of the benchmark)."""
 
-    def __init__(self, inner: Channel, bucket: TokenBucket):
-        self.inner, self.bucket = inner, bucket
+    def __init__(self, inner: Channel, link: EmulatedLink):
+        self.inner, self.link = inner, link
 
     async def send(self, buffers: Sequence[memoryview]) -> None:
         # Whole buffers: message transports (UCX) must keep the receiver's message boundaries.
         for b in buffers:
-            await self.bucket.take(len(b))
+            await self.link.take(len(b))
             await self.inner.send([b])
 
     async def recv_into(self, mv: memoryview) -> None:
@@ -539,14 +520,16 @@ class KVSender(abc.ABC):
         token: str | None = None,
         bandwidth: float | None = None,
     ):
-        """bandwidth: emulate a link of that many bytes/s (token bucket); None = as fast as it goes."""
+        """bandwidth: emulate a link of that many bytes/s (hack_transport.link, one per sender,
+        shared by its transfers as a NIC would be); None = as fast as it goes."""
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.token = token
         self.bandwidth = bandwidth
+        self.link = EmulatedLink(bandwidth) if bandwidth else None
 
     def throttle(self, ch: Channel) -> Channel:
-        return ThrottledChannel(ch, TokenBucket(self.bandwidth)) if self.bandwidth else ch
+        return ThrottledChannel(ch, self.link) if self.link is not None else ch
 
     @abc.abstractmethod
     async def _send(self, key: str, frames: Sequence[list[Buffer]]) -> dict: ...
@@ -565,6 +548,8 @@ class KVSender(abc.ABC):
         except (ConnectionError, OSError, wire.FrameError) as e:
             raise TransferError(f"transfer {key!r} failed: {e}") from e
         check_ack(ack, key)
+        if self.link is not None:  # done when the emulated link has sent the last byte
+            await self.link.drain()
         secs = time.perf_counter() - t0
         tail = ack.get("tail_s")
         return TransferResult(

@@ -25,7 +25,6 @@ from .base import (
     Buffer,
     KVReceiver,
     KVSender,
-    TokenBucket,
     TransferError,
     Unauthorized,
     connect_with_retry,
@@ -306,11 +305,11 @@ class GrpcSender(KVSender):
             groups = [frames[cuts[i] : cuts[i + 1]] for i in range(n)]  # contiguous, in order
             meta = ((TOKEN_HEADER, self.token),) if self.token else ()
 
-            bucket = TokenBucket(self.bandwidth, self.chunk_bytes) if self.bandwidth else None
+            link = self.link  # the sender's one link, shared by the streams
 
             async def paced(chunks: Iterator[bytes]):
                 for c in chunks:
-                    await bucket.take(len(c))
+                    await link.take(len(c))
                     yield c
 
             async def one(i: int) -> pb.TransferAck:
@@ -318,7 +317,7 @@ class GrpcSender(KVSender):
                     key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
                 )
                 chunks = _chunks(first, groups[i], self.chunk_bytes)
-                call = transfer(paced(chunks) if bucket else chunks, metadata=meta)
+                call = transfer(paced(chunks) if link is not None else chunks, metadata=meta)
                 ack = await call
                 if ack.committed:
                     for k, v in await call.trailing_metadata() or ():

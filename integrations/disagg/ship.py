@@ -1,16 +1,15 @@
 """Moving frames from the prefill process to the decode process: through the KV store service
 (`hack-kv serve`, gRPC Put/Get, keys chained over the prompt's tokens) or directly over one of the
-transports (tcp, grpc, ucx). --bandwidth-limit emulates a slower link with a token bucket."""
+transports (tcp, grpc, ucx). --bandwidth-limit emulates a slower link (hack_transport.link)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from hack_transport import wire
+from hack_transport.link import EmulatedLink
 from hack_transport.store.client import StoreClient
 from hack_transport.store.keys import ChunkKey, chunk_hashes
-from hack_transport.transports.base import TokenBucket
 
 STORE = "store"
 
@@ -21,25 +20,24 @@ def block_key(block: wire.Block, tokens: list[int], model_key: str) -> ChunkKey:
     return ChunkKey(model_key, chunk_hashes(tokens[:end], end)[0], 0, 0)
 
 
-def _throttle(nbytes: int, bandwidth: float | None) -> None:
-    if bandwidth:
-        bucket = TokenBucket(bandwidth)
-        asyncio.run(bucket.take(nbytes))
-
-
 def store_put(
     address: str, blocks, tokens, model_key: str, bandwidth: float | None
 ) -> tuple[int, float]:
     """Encode and put every block; (bytes put, seconds)."""
     t0 = time.perf_counter()
     total = 0
+    # One link for the whole put: a fresh bucket per frame (before) never made a frame wait.
+    link = EmulatedLink(bandwidth) if bandwidth else None
     with StoreClient(address, shm=False) as client:
         for block in blocks:
             key = block_key(block, tokens, model_key)
             frame = wire.encode_frame(block)
-            _throttle(len(frame), bandwidth)
+            if link is not None:
+                link.take_blocking(len(frame))
             client.put(key, frame)
             total += len(frame)
+    if link is not None:
+        link.drain_blocking()
     return total, time.perf_counter() - t0
 
 
