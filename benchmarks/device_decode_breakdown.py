@@ -1,9 +1,10 @@
 """Where a short decode call's time goes on the GPU: each kernel's duration against the call.
 
-    python benchmarks/device_decode_breakdown.py --out breakdown.json [--shapes 1x1024,1x4096]
+    python benchmarks/device_decode_breakdown.py --out breakdown.json [--shapes ...] [--combine 128,32]
 For each shape, hack-kv's decode and torch SDPA are captured in a CUDA graph and replayed under
 torch.profiler; the kernels' mean durations (CUPTI) are reported next to the call's median
-(do_bench_cudagraph), so the difference is launch gaps and tails, not work.
+(do_bench_cudagraph), so the difference is launch gaps and tails, not work. --combine times the
+decode once per split-merge block width (launch.COMBINE_BLOCK_D), in rounds, interleaved.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hack_kernels import HackConfig  # noqa: E402
+from hack_kernels.triton import launch  # noqa: E402
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 from hack_kernels.triton.paged_cache import PagedHackCache  # noqa: E402
 from hack_kernels.triton.quantize import quantize_kv_triton  # noqa: E402
@@ -51,7 +53,7 @@ def kernel_times(fn) -> dict[str, float]:
     return {name: t / REPLAYS for name, t in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
-def measure(model: str, batch: int, ctx: int, cfg: HackConfig) -> dict:
+def measure(model: str, batch: int, ctx: int, cfg: HackConfig, widths: list[int]) -> dict:
     hq, hk, d = MODELS[model]
     k = torch.randn(batch, hk, ctx, d, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
@@ -70,6 +72,13 @@ def measure(model: str, batch: int, ctx: int, cfg: HackConfig) -> dict:
         row[f"{name}_call_us"] = 1e3 * do_bench_cudagraph(fn, rep=100)
         row[f"{name}_kernels_us"] = kernel_times(fn)
         row[f"{name}_kernel_sum_us"] = sum(row[f"{name}_kernels_us"].values())
+    times: dict[int, list[float]] = {w: [] for w in widths}
+    for _ in range(3):
+        for w in widths:
+            launch.COMBINE_BLOCK_D = w
+            times[w].append(1e3 * do_bench_cudagraph(calls["hack"], rep=100))
+    launch.COMBINE_BLOCK_D = widths[0]
+    row["hack_call_us_by_combine_width"] = {w: sorted(t)[1] for w, t in times.items()}
     return row
 
 
@@ -77,12 +86,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="llama8b_d128:1x1024,llama8b_d128:1x4096,d64:1x4096")
+    ap.add_argument("--combine", default="128", help="split-merge block widths to time")
     args = ap.parse_args()
+    widths = [int(w) for w in args.combine.split(",")]
     rows = []
     for spec in args.shapes.split(","):
         model, shape = spec.split(":")
         batch, ctx = (int(x) for x in shape.split("x"))
-        rows.append(measure(model, batch, ctx, HackConfig(layout="kivi")))
+        rows.append(measure(model, batch, ctx, HackConfig(layout="kivi"), widths))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
 

@@ -368,9 +368,10 @@ def hack_attn_kernel(
 
 @triton.jit
 def combine_splits_kernel(
-    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_S: tl.constexpr
+    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
 ):  # fmt: skip
-    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's splits."""
+    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's splits, for the
+    channels of block program_id(1)."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     smask = sp < NSPLIT
@@ -378,7 +379,7 @@ def combine_splits_kernel(
     lsum = tl.load(ml_ptr + row * NSPLIT * 2 + sp * 2 + 1, mask=smask, other=0.0)
     mx = tl.max(m, axis=0)
     w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - mx))
-    dch = tl.arange(0, D)
+    dch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.load(
         o_ptr + (row * NSPLIT + sp[:, None]) * D + dch[None, :], mask=smask[:, None], other=0.0
     )

@@ -7,13 +7,13 @@ import math
 import torch
 import triton
 
-from .attention_kernel import combine_splits_kernel
 from .kivi_kernel import kivi_attn_kernel
 from .kivi_pages import KiviPages
 from .launch import (
     LAST_COMPILED,
     LOG2E,
     _nonempty,
+    combine_splits,
     interpreting,
     launch_params,
     program_layout,
@@ -60,7 +60,7 @@ def run_kivi_attention(
             raise ValueError(f"page array {name} must be contiguous in its last axis")
     # no closed pages: the kernel reads none, but needs pointers with storage
     pages = KiviPages(**{
-        n: t if t.numel() else t.new_zeros((1,) * t.dim()) for n, t in pages.tensors().items()
+        n: t if t.numel() else t.new_empty((1,) * t.dim()) for n, t in pages.tensors().items()
     })  # fmt: skip
     kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
     vc, vm, vs, vcs = pages.v_codes, pages.v_mins, pages.v_scales, pages.v_colsums
@@ -106,7 +106,5 @@ def run_kivi_attention(
     )  # fmt: skip
     LAST_COMPILED[(kind, d, partition)] = compiled
     if decode:
-        combine_splits_kernel[(b * hq,)](
-            part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts))
-        )
+        combine_splits(part, ml, out)
     return out

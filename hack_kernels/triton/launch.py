@@ -63,10 +63,26 @@ KIVI_SLOTS_INTERP = 1
 
 
 def _nonempty(t):
-    """Empty tensors may have no storage; the kernel never reads them, but needs a pointer."""
+    """Empty tensors may have no storage; the kernel never reads them, but needs a pointer.
+    torch.empty, not zeros: a fill is a kernel launch (about 1 us of GPU time in every decode
+    call without sinks on the H100, device_decode_breakdown.py)."""
     if isinstance(t, torch.Tensor) and t.numel() == 0:
-        return torch.zeros(1, dtype=t.dtype, device=t.device)
+        return torch.empty(1, dtype=t.dtype, device=t.device)
     return t
+
+
+# channels per program of the split-K merge (several programs per query row shorten a long
+# merge's tail at batch 1); a tuning knob, like launch_params
+COMBINE_BLOCK_D = 128
+
+
+def combine_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor) -> None:
+    """out [B, Hq, 1, D] from split-K partials part [B, Hq, S, D] and (m, l) in ml [B, Hq, S, 2]."""
+    b, hq, parts, d = part.shape
+    block_d = min(d, COMBINE_BLOCK_D)
+    combine_splits_kernel[(b * hq, d // block_d)](
+        part, ml, out, parts, D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(parts))
+    )
 
 
 def launch_params(kind: str, head_dim: int, partition: int) -> dict:
@@ -158,9 +174,7 @@ def run_attention(
     )  # fmt: skip
     LAST_COMPILED[("decode" if decode else "prefill", d, partition)] = compiled
     if decode:
-        combine_splits_kernel[(b * hq,)](
-            part, ml, out, num_splits, D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits))
-        )
+        combine_splits(part, ml, out)
     return out
 
 
@@ -214,9 +228,7 @@ def _run_decode_slots(
         G=hq // kv_heads, SLOTS=slots, **common, **launch,
     )  # fmt: skip
     LAST_COMPILED[("decode", d, common["PART"])] = compiled
-    combine_splits_kernel[(b * hq,)](
-        part, ml, out, parts, D=d, BLOCK_S=max(2, triton.next_power_of_2(parts))
-    )
+    combine_splits(part, ml, out)
     return out
 
 

@@ -140,6 +140,8 @@ def test_kivi_decode_matches_reference(case, unpack, slots, monkeypatch):
     # these caches are small enough for the short-context path (one page a program): slots 1
     # takes it, slots 2 keeps the tuned two-page path
     monkeypatch.setattr(decode_module, "SHORT_DECODE_PAGES", 512 if slots == 1 else -1)
+    # the split merge by whole rows (unpack 2) or by 32-channel blocks (unpack 1)
+    monkeypatch.setattr(launch, "COMBINE_BLOCK_D", 128 if unpack == 2 else 32)
     d, p, sinks, lens, hq, hk, dtype, bits = case
     gen = torch.Generator().manual_seed(d * 7 + p + bits)
     cfg = HackConfig(bits=bits, partition=p, sink_tokens=sinks, layout="kivi")
