@@ -71,9 +71,10 @@ def _nonempty(t):
     return t
 
 
-# channels per program of the split-K merge (several programs per query row shorten a long
-# merge's tail at batch 1); a tuning knob, like launch_params
-COMBINE_BLOCK_D = 128
+# channels per program of the split-K merge: 32 gives batch 1 four programs per query row, which
+# shortened the merge's tail (b1 4K 10.6 -> 9.7 us on the H100) and cost nothing at batch 16
+# (device_decode_breakdown.py, attention_notes.md version 22)
+COMBINE_BLOCK_D = 32
 
 
 def combine_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor) -> None:
