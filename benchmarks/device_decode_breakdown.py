@@ -5,6 +5,8 @@ For each shape, hack-kv's decode and torch SDPA are captured in a CUDA graph and
 torch.profiler; the kernels' mean durations (CUPTI) are reported next to the call's median
 (do_bench_cudagraph), so the difference is launch gaps and tails, not work. --combine times the
 decode once per split-merge block width (launch.COMBINE_BLOCK_D), in rounds, interleaved.
+--prefill 4096,16384 profiles eager prefill in fp16 mode (SDPA, then quantize-and-pack) the same
+way, with the host's time per call beside the GPU's.
 """
 
 from __future__ import annotations
@@ -12,19 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from triton.testing import do_bench_cudagraph
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hack_kernels import HackConfig  # noqa: E402
-from hack_kernels.triton import launch  # noqa: E402
+from hack_kernels.triton import (
+    launch,  # noqa: E402
+    quantize,  # noqa: E402
+)
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 from hack_kernels.triton.paged_cache import PagedHackCache  # noqa: E402
+from hack_kernels.triton.prefill import prefill_attention  # noqa: E402
 from hack_kernels.triton.quantize import quantize_kv_triton  # noqa: E402
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -32,25 +39,29 @@ MODELS = {"llama8b_d128": (32, 8, 128), "d64": (32, 8, 64)}
 REPLAYS = 200
 
 
-def kernel_times(fn) -> dict[str, float]:
-    """Mean GPU microseconds per call of each kernel fn launches (graph replays, CUPTI)."""
+def kernel_times(fn, graph: bool = True, calls: int = REPLAYS) -> dict[str, float]:
+    """Mean GPU microseconds per call of each kernel fn launches (CUPTI), replayed from a CUDA
+    graph or called eagerly."""
     fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
     for _ in range(20):
-        graph.replay()
+        run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPLAYS):
-            graph.replay()
+        for _ in range(calls):
+            run()
         torch.cuda.synchronize()
     total: dict[str, float] = defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             total[ev.name[:80]] += ev.device_time
-    return {name: t / REPLAYS for name, t in sorted(total.items(), key=lambda kv: -kv[1])}
+    return {name: t / calls for name, t in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 def measure(model: str, batch: int, ctx: int, cfg: HackConfig, widths: list[int]) -> dict:
@@ -82,15 +93,47 @@ def measure(model: str, batch: int, ctx: int, cfg: HackConfig, widths: list[int]
     return row
 
 
+def measure_prefill(seq: int, cfg: HackConfig) -> dict:
+    """Eager fp16-mode prefill (Llama-8B shape): kernels' GPU time, host time per call, and the
+    call's time against SDPA alone (do_bench, as benchmarks/attention.py)."""
+    hq, hk, d = MODELS["llama8b_d128"]
+    q = torch.randn(1, hq, seq, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, hk, seq, d, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    calls = {
+        "fp16_mode": lambda: prefill_attention(q, k, v, cfg, mode="fp16", validate=False),
+        "sdpa": lambda: SDPA(q, k, v, is_causal=True, enable_gqa=True),
+        "quantize": lambda: quantize_kv_triton(k, v, cfg, validate=False),
+        "quantize_kivi_kernels": lambda: quantize_kv_triton(k, v, cfg, validate=False),
+    }
+    row: dict = {"prefill": seq}
+    for name, fn in calls.items():
+        # the kivi quantize kernels, which eager calls this small do not take by default
+        quantize.KIVI_EAGER_MIN_ROWS = 0 if name.endswith("kivi_kernels") else 1 << 20
+        row[f"{name}_us"] = 1e3 * do_bench(fn, rep=200, return_mode="median")
+        row[f"{name}_kernels_us"] = kernel_times(fn, graph=False, calls=20)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        row[f"{name}_host_us"] = (time.perf_counter() - t0) / 20 * 1e6  # launches queue ahead
+        torch.cuda.synchronize()
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", default="llama8b_d128:1x1024,llama8b_d128:1x4096,d64:1x4096")
     ap.add_argument("--combine", default="128", help="split-merge block widths to time")
+    ap.add_argument("--prefill", default="", help="sequence lengths of fp16-mode prefill")
     args = ap.parse_args()
     widths = [int(w) for w in args.combine.split(",")]
     rows = []
-    for spec in args.shapes.split(","):
+    for seq in [int(x) for x in args.prefill.split(",") if x]:
+        rows.append(measure_prefill(seq, HackConfig(layout="kivi")))
+        print(json.dumps(rows[-1]), flush=True)
+    for spec in [x for x in args.shapes.split(",") if x]:
         model, shape = spec.split(":")
         batch, ctx = (int(x) for x in shape.split("x"))
         rows.append(measure(model, batch, ctx, HackConfig(layout="kivi"), widths))
