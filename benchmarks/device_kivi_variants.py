@@ -2,7 +2,8 @@
 
     python benchmarks/device_kivi_variants.py --out variants.json
 Each variant is first checked against reference_attention (ragged batch, small), then timed on
-Llama-8B decode (32 q / 8 kv heads, d128) at batch 16 and batch 1, 32K context, next to SDPA.
+decode with 32 q / 8 kv heads (d128 as Llama-8B, or --head-dim 64) at the given shapes, next to
+SDPA.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ SDPA = torch.nn.functional.scaled_dot_product_attention
 CFG = HackConfig(layout="kivi")
 
 
-def rel_err(cfg: HackConfig) -> float:
+def rel_err(cfg: HackConfig, d: int) -> float:
     lens = [3000, 65, 700]
-    cache = PagedHackCache(cfg, 100, 3, 8, 128, 64, device="cuda")
+    cache = PagedHackCache(cfg, 100, 3, 8, d, 64, device="cuda")
     qkvs = []
     for i, t in enumerate(lens):
-        k = (torch.randn(1, 8, t, 128, device="cuda") * 2).half()
-        v = torch.randn(1, 8, t, 128, device="cuda").half()
+        k = (torch.randn(1, 8, t, d, device="cuda") * 2).half()
+        v = torch.randn(1, 8, t, d, device="cuda").half()
         qkvs.append(quantize_kv(k, v, cfg))
         cache.load(i, qkvs[-1])
-    q = torch.randn(3, 32, 1, 128, device="cuda").half()
+    q = torch.randn(3, 32, 1, d, device="cuda").half()
     out = torch.full(q.shape, float("nan"), device="cuda")
     decode_attention(q, cache, out=out)
     errs = []
@@ -46,13 +47,13 @@ def rel_err(cfg: HackConfig) -> float:
     return max(errs)
 
 
-def case(batch: int, ctx: int):
-    k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.float16)
+def case(batch: int, ctx: int, d: int):
+    k = torch.randn(batch, 8, ctx, d, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
-    q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.float16)
+    q = torch.randn(batch, 32, 1, d, device="cuda", dtype=torch.float16)
     qkv = quantize_kv_triton(k, v, CFG, validate=False)
     pages = ctx // CFG.partition
-    cache = PagedHackCache(CFG, batch * pages, batch, 8, 128, pages, device="cuda")
+    cache = PagedHackCache(CFG, batch * pages, batch, 8, d, pages, device="cuda")
     for i in range(batch):
         cache.load(i, qkv, batch_index=i)
     sdpa = 1e3 * do_bench_cudagraph(lambda: SDPA(q, k, v, enable_gqa=True), rep=100)
@@ -91,24 +92,28 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="[[2, 2, 32, 2, 2, 0]]",
-        help="JSON list of [warps, unpack, waves, slots, min pages a split, register cap]",
+        help="JSON list of [warps, unpack, waves, slots, min pages a split, register cap"
+        " (, most splits)]",
     )
+    ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
     args = ap.parse_args()
+    d = args.head_dim
     pairs = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    shapes = {(b, c): case(b, c) for b, c in pairs}
+    shapes = {(b, c): case(b, c, d) for b, c in pairs}
     rows = []
-    key = ("decode_kivi", 128, 64)
+    key = ("decode_kivi", d, 64)
     # a fused merge of the partials by the last program (atomic arrival counter) was measured
     # slower everywhere and removed: attention_h100_kivi_merge_variants.json
     variants = json.loads(args.variants)
-    for warps, unpack, waves, slots, minp, maxnreg in variants:
+    for warps, unpack, waves, slots, minp, maxnreg, *most in variants:
         conf = {"num_warps": warps, "num_stages": 1, "waves": waves, "min_pages": minp,
-                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg}  # fmt: skip
+                "UNPACK": unpack, "SLOTS": slots, "maxnreg": maxnreg,
+                "max_splits": most[0] if most else 64}  # fmt: skip
         if True:
             launch.TUNED[key] = conf
             row = {**conf}
             try:
-                row["rel_err"] = rel_err(CFG)
+                row["rel_err"] = rel_err(CFG, d)
                 for (b, c), (q, cache, pages, sdpa) in shapes.items():
                     us = 1e3 * do_bench_cudagraph(
                         lambda q=q, cache=cache, pages=pages: decode_attention(

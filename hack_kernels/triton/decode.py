@@ -50,7 +50,9 @@ def decode_attention(
     # latency of one page rather than of two bounds the launch (attention_notes.md, version 18)
     short = kivi and b * h * max_pages <= SHORT_DECODE_PAGES
     min_pages = 1 if short else params.get("min_pages", 1)
-    splits = num_splits or choose_splits(b, h, max_pages, params.get("waves", 4), min_pages)
+    splits = num_splits or choose_splits(
+        b, h, max_pages, params.get("waves", 4), min_pages, max_splits=params.get("max_splits", 64)
+    )
     if out is None:
         out = torch.empty((b, hq, 1, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or not out.is_contiguous():  # any float dtype

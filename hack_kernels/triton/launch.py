@@ -234,11 +234,17 @@ def _run_decode_slots(
 
 
 def choose_splits(
-    batch: int, kv_heads: int, max_pages: int, waves: int = 4, min_pages: int = 1, sms: int = 132
+    batch: int,
+    kv_heads: int,
+    max_pages: int,
+    waves: int = 4,
+    min_pages: int = 1,
+    sms: int = 132,
+    max_splits: int = 64,
 ) -> int:
     """Split-K factor: about `waves` programs per multiprocessor, at least `min_pages` pages a
-    split (each split pays Q quantization and a partial to merge)."""
+    split (each split pays Q quantization and a partial to merge), at most `max_splits`."""
     if max_pages <= 0:
         return 1
     want = triton.cdiv(waves * sms, batch * kv_heads)
-    return int(max(1, min(want, max_pages // max(1, min_pages), 64)))
+    return int(max(1, min(want, max_pages // max(1, min_pages), max_splits)))
