@@ -131,16 +131,18 @@ class LazyFrames(Sequence):
         return sum(memoryview(x).nbytes for f in self._cache.values() for x in f)
 
 
-COALESCE = 1 << 20
+COALESCE = 1 << 20  # run size of a sender whose hello names none (NIXL, senders before 4 MiB UCX)
+RUN_BYTES_RANGE = (64 << 10, 64 << 20)  # what a hello's run_bytes may say
 
 
-def runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
-    """Consecutive payload parts sent as one message: small parts are grouped up to COALESCE
-    bytes, a large part goes alone. Sender and receiver derive the same runs from the header, so
-    message transports (UCX) see few messages and the receiver still reads straight into place."""
+def runs(lengths: Sequence[int], limit: int = COALESCE) -> list[tuple[int, int]]:
+    """Consecutive payload parts sent as one message: small parts are grouped up to `limit`
+    bytes, a large part goes alone. Sender and receiver derive the same runs from the header (the
+    sender names its limit in the hello), so message transports (UCX) see few messages and the
+    receiver still reads straight into place."""
     out, start, size = [], 0, 0
     for i, n in enumerate(lengths):
-        if size and size + n > COALESCE:
+        if size and size + n > limit:
             out.append((start, i))
             start, size = i, 0
         size += n
@@ -149,18 +151,18 @@ def runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def payload_runs(header: wire.FrameHeader) -> list[tuple[int, int]]:
+def payload_runs(header: wire.FrameHeader, limit: int = COALESCE) -> list[tuple[int, int]]:
     """(start, end) payload offsets of the frame's non-empty runs, as the receiver reads them."""
     parts = header.parts()
     out = []
-    for a, b in runs([n for _, n in parts]):
+    for a, b in runs([n for _, n in parts], limit):
         off, end = parts[a][0], parts[b - 1][0] + parts[b - 1][1]
         if end > off:
             out.append((off, end))
     return out
 
 
-def message_parts(buffers: Sequence[Buffer]) -> list[memoryview]:
+def message_parts(buffers: Sequence[Buffer], limit: int = COALESCE) -> list[memoryview]:
     """The frame as the receiver reads it: prefix, header, then the payload's non-empty runs."""
     mvs = [memoryview(b).cast("B") for b in buffers]
     first = mvs[0]
@@ -170,7 +172,7 @@ def message_parts(buffers: Sequence[Buffer]) -> list[memoryview]:
         head, parts = _cut_stored_frame(first)
         parts += mvs[1:]
     out = head
-    for a, b in runs([len(m) for m in parts]):
+    for a, b in runs([len(m) for m in parts], limit):
         msg = parts[a] if b - a == 1 else memoryview(b"".join(parts[a:b]))
         if len(msg):
             out.append(msg)
@@ -233,8 +235,8 @@ async def recv_msg(ch: Channel, limit: int) -> dict:
     return obj
 
 
-async def _send_parts(ch: Channel, buffers: Sequence[Buffer]) -> None:
-    await ch.send(message_parts(buffers))
+async def send_parts(ch: Channel, buffers: Sequence[Buffer], limit: int = COALESCE) -> None:
+    await ch.send(message_parts(buffers, limit))
 
 
 async def send_session(
@@ -243,7 +245,7 @@ async def send_session(
     frames: Sequence[Sequence[Buffer]],
     token: str | None,
     hello: dict | None = None,
-    send_frame: Callable[[Channel, Sequence[Buffer]], Awaitable[None]] = _send_parts,
+    send_frame: Callable[[Channel, Sequence[Buffer]], Awaitable[None]] = send_parts,
 ) -> dict:
     """Sender side; returns the receiver's acknowledgement. The ack is read concurrently, so a
     receiver that rejects a frame early stops the sender at once. `hello` adds fields to the first
@@ -394,6 +396,11 @@ class KVReceiver(abc.ABC):
         if not isinstance(key, str) or not isinstance(n, int) or not 0 < n <= lim.max_frames:
             await send_msg(ch, {"ok": False, "error": f"bad hello: key {key!r}, frames {n!r}"})
             return False
+        run_bytes = hello.get("run_bytes", COALESCE)  # the sender's message runs (UCX, NIXL)
+        lo, hi = RUN_BYTES_RANGE
+        if type(run_bytes) is not int or not lo <= run_bytes <= hi:
+            await send_msg(ch, {"ok": False, "error": f"bad hello: run_bytes {run_bytes!r}"})
+            return False
         try:
             session = self.session_start(hello)
         except wire.FrameError as e:
@@ -430,7 +437,7 @@ class KVReceiver(abc.ABC):
                     verifier.advance(n)
                     queued = n
 
-            await self.recv_payload(ch, header, payload, session, filled)
+            await self.recv_payload(ch, header, payload, session, filled, run_bytes)
             last_byte = arrived or time.perf_counter()
             return verifier.block()  # verified; private to this transfer until the commit
 
@@ -478,13 +485,15 @@ class KVReceiver(abc.ABC):
         payload: memoryview,
         session: object,
         filled: Callable[[int], None] = lambda n: None,
+        run_bytes: int = COALESCE,
     ) -> None:
-        """Fill the validated payload buffer: each run straight into its place (a byte stream:
-        all runs at once, in slices). filled(n) is told when the first n bytes are in place (the
-        tensors among them are verified while later bytes are still in flight)."""
+        """Fill the validated payload buffer: each run (of the sender's `run_bytes`) straight into
+        its place (a byte stream: all runs at once, in slices). filled(n) is told when the first
+        n bytes are in place (the tensors among them are verified while later bytes are still in
+        flight)."""
         pv = memoryview(payload)
         if not getattr(ch, "stream", False):  # UCX: one message per run
-            return await _recv_runs(ch, pv, payload_runs(header), filled)
+            return await _recv_runs(ch, pv, payload_runs(header, run_bytes), filled)
         # A byte stream: the runs are contiguous, from the first tensor to the end.
         first = header.entries[0].offset if header.entries else header.payload_len
         for a in range(first, header.payload_len, SLICE):

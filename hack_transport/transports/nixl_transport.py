@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import wire
 from .base import (
+    COALESCE,
     Buffer,
     Channel,
     connect_with_retry,
@@ -103,10 +104,11 @@ class NixlReceiver(TcpReceiver):
         payload: memoryview,
         session: object,
         filled: Callable[[int], None] = lambda n: None,
+        run_bytes: int = COALESCE,
     ) -> None:
         msg = await recv_msg(ch, self.limits.max_control_bytes)
         remote = msg.get("runs")
-        local = payload_runs(header)
+        local = payload_runs(header, run_bytes)
         ok = isinstance(remote, list) and len(remote) == len(local)
         ok = ok and all(
             isinstance(r, list)

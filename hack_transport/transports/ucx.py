@@ -5,11 +5,12 @@ received straight into the payload buffer. Without RDMA, UCX runs over tcp and s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Sequence
 
-from .base import Buffer, KVReceiver, KVSender, connect_with_retry, send_session
+from .base import Buffer, KVReceiver, KVSender, connect_with_retry, send_parts, send_session
 
 os.environ.setdefault("UCX_TLS", "tcp,sm,self")
 os.environ.setdefault("UCXPY_PROGRESS_MODE", "blocking")
@@ -22,6 +23,14 @@ os.environ.setdefault("UCX_TCP_RX_SEG_SIZE", "512k")
 import ucxx  # noqa: E402  (configured by the environment above)
 
 log = logging.getLogger(__name__)
+
+# A frame's payload parts go in messages of up to 4 MiB (named in the hello; the receiver
+# follows): a HACK frame of a Llama-8B layer (2.4-3.4 MB) is one message instead of four, three a
+# frame with its prefix and header. Each message costs a rendezvous and ucxx's Python; the parts
+# are joined into one buffer (a copy on the sender, whose core spins in ucxx's progress loop
+# anyway). Llama-8B 4K p64: 34-36 -> 33 ms a request, p128 32-34 -> 30-31 (transfer_notes.md,
+# 2026-11-22, night). Larger parts (16-bit K or V of a layer) still go alone, not joined.
+RUN_BYTES = 4 << 20
 
 # ucxx makes every endpoint with peer error handling, and UCX leaves its shared-memory transports
 # (posix, sysv) out of such endpoints unless they expose error handling, which is off by default
@@ -102,7 +111,14 @@ class UcxSender(KVSender):
             ok = False
             try:
                 ch = self.throttle(_SendChannel(self._ep))
-                ack = await send_session(ch, key, frames, self.token)
+                ack = await send_session(
+                    ch,
+                    key,
+                    frames,
+                    self.token,
+                    hello={"run_bytes": RUN_BYTES},
+                    send_frame=functools.partial(send_parts, limit=RUN_BYTES),
+                )
                 ok = bool(ack.get("ok"))
                 return ack
             finally:
