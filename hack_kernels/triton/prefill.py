@@ -90,7 +90,7 @@ def prefill_attention(
     """Attention of q [B, Hq, S, D] over k, v [B, Hkv, S, D] plus the QuantizedKV to ship.
 
     mode "fp16" (default): attend over the 16-bit K and V with torch SDPA and only store the
-    codes (the authors' artifact does the same); on the H100 it runs at 0.94-0.99x of SDPA alone
+    codes (the authors' artifact does the same); on the H100 it runs at 0.89-1.01x of SDPA alone
     against 0.10-0.11x for "hack" (benchmarks/results/attention_notes.md), and is exact.
     mode "hack": attend over the codes with HACK's arithmetic (equal to reference_attention of
     the returned QuantizedKV), in either layout. For "fp16" with causal=True, q and k must have the
