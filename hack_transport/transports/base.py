@@ -162,8 +162,11 @@ def payload_runs(header: wire.FrameHeader, limit: int = COALESCE) -> list[tuple[
     return out
 
 
-def message_parts(buffers: Sequence[Buffer], limit: int = COALESCE) -> list[memoryview]:
-    """The frame as the receiver reads it: prefix, header, then the payload's non-empty runs."""
+def message_parts(
+    buffers: Sequence[Buffer], limit: int = COALESCE, joined_head: bool = False
+) -> list[memoryview]:
+    """The frame as the receiver reads it: prefix, header (one message with `joined_head`), then
+    the payload's non-empty runs."""
     mvs = [memoryview(b).cast("B") for b in buffers]
     first = mvs[0]
     if len(first) == wire.PREFIX.size + int.from_bytes(first[8:12], "little"):
@@ -171,7 +174,7 @@ def message_parts(buffers: Sequence[Buffer], limit: int = COALESCE) -> list[memo
     else:  # a contiguous stored frame: cut it where the receiver reads
         head, parts = _cut_stored_frame(first)
         parts += mvs[1:]
-    out = head
+    out = [memoryview(b"".join(head))] if joined_head else head
     for a, b in runs([len(m) for m in parts], limit):
         msg = parts[a] if b - a == 1 else memoryview(b"".join(parts[a:b]))
         if len(msg):
@@ -235,8 +238,10 @@ async def recv_msg(ch: Channel, limit: int) -> dict:
     return obj
 
 
-async def send_parts(ch: Channel, buffers: Sequence[Buffer], limit: int = COALESCE) -> None:
-    await ch.send(message_parts(buffers, limit))
+async def send_parts(
+    ch: Channel, buffers: Sequence[Buffer], limit: int = COALESCE, joined_head: bool = False
+) -> None:
+    await ch.send(message_parts(buffers, limit, joined_head))
 
 
 async def send_session(
@@ -401,6 +406,16 @@ class KVReceiver(abc.ABC):
         if type(run_bytes) is not int or not lo <= run_bytes <= hi:
             await send_msg(ch, {"ok": False, "error": f"bad hello: run_bytes {run_bytes!r}"})
             return False
+        head = hello.get("head", "split")  # "joined": prefix and header in one message
+        if head not in ("split", "joined") or head == "joined" and getattr(ch, "stream", False):
+            await send_msg(ch, {"ok": False, "error": f"bad hello: head {head!r}"})
+            return False
+        # A joined head arrives in a receive of the largest allowed size; only the prefix says
+        # how much of it is the header (the header checksum covers those bytes).
+        scratch = (
+            bytearray(wire.PREFIX.size + lim.frame.max_header_bytes) if head == "joined" else None
+        )
+        used = 0
         try:
             session = self.session_start(hello)
         except wire.FrameError as e:
@@ -409,12 +424,19 @@ class KVReceiver(abc.ABC):
         held, last_byte = 0, 0.0
 
         async def frame() -> wire.Block:
-            nonlocal held, last_byte
-            pre = bytearray(wire.PREFIX.size)
-            await ch.recv_into(memoryview(pre))
-            _, hlen, prefix = wire.parse_prefix(pre, lim.frame)
-            hb = bytearray(hlen)
-            await ch.recv_into(memoryview(hb))
+            nonlocal held, last_byte, used
+            if scratch is None:
+                pre = bytearray(wire.PREFIX.size)
+                await ch.recv_into(memoryview(pre))
+                _, hlen, prefix = wire.parse_prefix(pre, lim.frame)
+                hb = bytearray(hlen)
+                await ch.recv_into(memoryview(hb))
+            else:  # a shorter message must not find the previous header's bytes there
+                scratch[:used] = bytes(used)
+                await ch.recv_into(memoryview(scratch))
+                _, hlen, prefix = wire.parse_prefix(scratch, lim.frame)
+                used = wire.PREFIX.size + hlen
+                hb = memoryview(scratch)[wire.PREFIX.size : used]
             header = wire.parse_header(prefix, hb, lim.frame, self.expect_model)
             if held + header.payload_len > lim.max_transfer_bytes:
                 raise wire.LimitError(f"transfer exceeds {lim.max_transfer_bytes} bytes", "payload")
