@@ -247,7 +247,7 @@ def _load_page(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])
 def hack_attn_kernel(
     q_ptr, sq_b, sq_h, sq_m,
     o_ptr, so_b, so_h, so_m, so_s,
@@ -366,22 +366,35 @@ def hack_attn_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])
 def combine_splits_kernel(
     o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
 ):  # fmt: skip
-    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's splits, for the
-    channels of block program_id(1)."""
+    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's NSPLIT splits, in
+    blocks of BLOCK_S, for the channels of block program_id(1). One compiled variant serves every
+    split count (no specialization on NSPLIT, a fixed block): nothing compiles when a longer
+    context first needs more splits."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
-    smask = sp < NSPLIT
-    m = tl.load(ml_ptr + row * NSPLIT * 2 + sp * 2, mask=smask, other=-float("inf"))
-    lsum = tl.load(ml_ptr + row * NSPLIT * 2 + sp * 2 + 1, mask=smask, other=0.0)
-    mx = tl.max(m, axis=0)
-    w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - mx))
+    mlrow = ml_ptr + row * NSPLIT * 2
+    mx = tl.full([BLOCK_S], -float("inf"), tl.float32)
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        m = tl.load(mlrow + (s0 + sp) * 2, mask=s0 + sp < NSPLIT, other=-float("inf"))
+        mx = tl.maximum(mx, m)
+    mx_all = tl.max(mx, axis=0)
     dch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.load(
-        o_ptr + (row * NSPLIT + sp[:, None]) * D + dch[None, :], mask=smask[:, None], other=0.0
-    )
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    lsum = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, NSPLIT, BLOCK_S):
+        smask = s0 + sp < NSPLIT
+        m = tl.load(mlrow + (s0 + sp) * 2, mask=smask, other=-float("inf"))
+        w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - mx_all))
+        lsum += w * tl.load(mlrow + (s0 + sp) * 2 + 1, mask=smask, other=0.0)
+        part = tl.load(
+            o_ptr + (row * NSPLIT + s0 + sp[:, None]) * D + dch[None, :],
+            mask=smask[:, None],
+            other=0.0,
+        )
+        acc += tl.sum(part * w[:, None], axis=0)
+    out = acc / tl.sum(lsum, axis=0)
     tl.store(out_ptr + row * D + dch, out.to(out_ptr.dtype.element_ty))

@@ -77,3 +77,18 @@ def decode_attention(
         kv_heads=h, n_sink=c.config.sink_tokens, partition=p, bits=c.config.bits,
         causal=False, sm_scale=sm_scale, decode=True, num_splits=splits,
     )  # fmt: skip
+
+
+def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None = None) -> None:
+    """Compile every kernel variant decode_attention launches for this cache and query dtype
+    (the one-page path of few pages and the tuned path of many; one merge serves every split
+    count), so that no later request compiles. Call once at start-up, before CUDA-graph capture;
+    it attends zero queries over slot 0 as it stands and discards the result."""
+    q = torch.zeros(
+        (1, q_heads, 1, cache.head_dim),
+        dtype=dtype or cache.k_open.dtype,
+        device=cache.k_open.device,
+    )
+    # max_pages only sizes the grid: 1 takes the short path, SHORT_DECODE_PAGES + 1 the other
+    for max_pages in (1, SHORT_DECODE_PAGES + 1):
+        decode_attention(q, cache, max_pages=max_pages)

@@ -16,7 +16,7 @@ import triton.language as tl
 from .attention_kernel import _attend16, _pick, _q_group, _quant8_rows, _unpack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])
 def hack_decode_slots_kernel(
     q_ptr, sq_b, sq_h,
     o_ptr, ml_ptr,

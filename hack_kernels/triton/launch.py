@@ -75,6 +75,8 @@ def _nonempty(t):
 # shortened the merge's tail (b1 4K 10.6 -> 9.7 us on the H100) and cost nothing at batch 16
 # (device_decode_breakdown.py, attention_notes.md version 22)
 COMBINE_BLOCK_D = 32
+# partials a merge step reads; one size for every split count, so one compiled merge
+COMBINE_BLOCK_S = 64
 
 
 def combine_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor) -> None:
@@ -82,7 +84,7 @@ def combine_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor) -> N
     b, hq, parts, d = part.shape
     block_d = min(d, COMBINE_BLOCK_D)
     combine_splits_kernel[(b * hq, d // block_d)](
-        part, ml, out, parts, D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(parts))
+        part, ml, out, parts, D=d, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK_S
     )
 
 
