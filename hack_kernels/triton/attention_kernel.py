@@ -370,31 +370,31 @@ def hack_attn_kernel(
 def combine_splits_kernel(
     o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
 ):  # fmt: skip
-    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's NSPLIT splits, in
-    blocks of BLOCK_S, for the channels of block program_id(1). One compiled variant serves every
-    split count (no specialization on NSPLIT, a fixed block): nothing compiles when a longer
-    context first needs more splits."""
+    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's NSPLIT splits, for
+    the channels of block program_id(1): blocks of BLOCK_S partials merged online (a running max,
+    earlier blocks rescaled), one pass. One compiled variant serves every split count (no
+    specialization on NSPLIT, a fixed block): nothing compiles when a longer context first needs
+    more splits."""
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     mlrow = ml_ptr + row * NSPLIT * 2
-    mx = tl.full([BLOCK_S], -float("inf"), tl.float32)
-    for s0 in range(0, NSPLIT, BLOCK_S):
-        m = tl.load(mlrow + (s0 + sp) * 2, mask=s0 + sp < NSPLIT, other=-float("inf"))
-        mx = tl.maximum(mx, m)
-    mx_all = tl.max(mx, axis=0)
     dch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    run_m = -float("inf")
+    lsum = 0.0
     acc = tl.zeros([BLOCK_D], tl.float32)
-    lsum = tl.zeros([BLOCK_S], tl.float32)
     for s0 in range(0, NSPLIT, BLOCK_S):
         smask = s0 + sp < NSPLIT
         m = tl.load(mlrow + (s0 + sp) * 2, mask=smask, other=-float("inf"))
-        w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - mx_all))
-        lsum += w * tl.load(mlrow + (s0 + sp) * 2 + 1, mask=smask, other=0.0)
+        lb = tl.load(mlrow + (s0 + sp) * 2 + 1, mask=smask, other=0.0)
         part = tl.load(
             o_ptr + (row * NSPLIT + s0 + sp[:, None]) * D + dch[None, :],
             mask=smask[:, None],
             other=0.0,
         )
-        acc += tl.sum(part * w[:, None], axis=0)
-    out = acc / tl.sum(lsum, axis=0)
-    tl.store(out_ptr + row * D + dch, out.to(out_ptr.dtype.element_ty))
+        new_m = tl.maximum(run_m, tl.max(m, axis=0))
+        alpha = tl.where(run_m == -float("inf"), 0.0, tl.exp2(run_m - new_m))
+        w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - new_m))
+        acc = acc * alpha + tl.sum(part * w[:, None], axis=0)
+        lsum = lsum * alpha + tl.sum(lb * w, axis=0)
+        run_m = new_m
+    tl.store(out_ptr + row * D + dch, (acc / lsum).to(out_ptr.dtype.element_ty))

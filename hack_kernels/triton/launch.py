@@ -75,8 +75,9 @@ def _nonempty(t):
 # shortened the merge's tail (b1 4K 10.6 -> 9.7 us on the H100) and cost nothing at batch 16
 # (device_decode_breakdown.py, attention_notes.md version 22)
 COMBINE_BLOCK_D = 32
-# partials a merge step reads; one size for every split count, so one compiled merge
-COMBINE_BLOCK_S = 64
+# partials a merge step reads; one size for every split count, so one compiled merge (128: up
+# to 64 splits of two slots in one step)
+COMBINE_BLOCK_S = 128
 
 
 def combine_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor) -> None:
