@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from .kivi_launch import run_kivi_attention
-from .launch import choose_splits, launch_params, run_attention
+from .launch import (
+    COMBINE_SMALL_S,
+    choose_splits,
+    combine_splits,
+    launch_params,
+    run_attention,
+)
 from .paged_cache import PagedHackCache
 
 # closed pages over the whole batch up to which kivi decode runs one page per program
@@ -92,3 +98,8 @@ def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None
     # max_pages only sizes the grid: 1 takes the short path, SHORT_DECODE_PAGES + 1 the other
     for max_pages in (1, SHORT_DECODE_PAGES + 1):
         decode_attention(q, cache, max_pages=max_pages)
+    # and both merge block sizes, whatever split counts the tuned parameters gave above
+    for parts in (1, COMBINE_SMALL_S + 1):
+        part = q.new_zeros((1, q_heads, parts, cache.head_dim), dtype=torch.float32)
+        ml = q.new_zeros((1, q_heads, parts, 2), dtype=torch.float32)
+        combine_splits(part, ml, torch.empty_like(q))

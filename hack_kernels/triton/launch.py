@@ -75,17 +75,20 @@ def _nonempty(t):
 # shortened the merge's tail (b1 4K 10.6 -> 9.7 us on the H100) and cost nothing at batch 16
 # (device_decode_breakdown.py, attention_notes.md version 22)
 COMBINE_BLOCK_D = 32
-# partials a merge step reads; one size for every split count, so one compiled merge (128: up
-# to 64 splits of two slots in one step)
+# partials a merge step reads: two sizes, so two compiled merges serve every split count (128:
+# up to 64 splits of two slots in one step; 16 for the few splits of short contexts, where the
+# merge's latency is much of the call's: b1 1K 7.2 against 7.4 us with 128 on the H100)
 COMBINE_BLOCK_S = 128
+COMBINE_SMALL_S = 16
 
 
 def combine_splits(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor) -> None:
     """out [B, Hq, 1, D] from split-K partials part [B, Hq, S, D] and (m, l) in ml [B, Hq, S, 2]."""
     b, hq, parts, d = part.shape
     block_d = min(d, COMBINE_BLOCK_D)
+    block_s = COMBINE_SMALL_S if parts <= COMBINE_SMALL_S else COMBINE_BLOCK_S
     combine_splits_kernel[(b * hq, d // block_d)](
-        part, ml, out, parts, D=d, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK_S
+        part, ml, out, parts, D=d, BLOCK_D=block_d, BLOCK_S=block_s
     )
 
 

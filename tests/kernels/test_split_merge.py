@@ -26,10 +26,10 @@ def merged_f64(part: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
     return (part * w[..., None]).sum(-2) / (lsum * w).sum(-1)[..., None]
 
 
-# split counts around the merge's block (launch.COMBINE_BLOCK_S, 128; 64 in some cases): one
-# block, one less, one more, several
-@pytest.mark.parametrize("splits,block", [(1, 128), (127, 128), (128, 128), (129, 128),
-                                          (130, 64), (300, 128)])  # fmt: skip
+# split counts around the merge's blocks (launch.COMBINE_SMALL_S 16, COMBINE_BLOCK_S 128; 64 in
+# one case): one block, one less, one more, several
+@pytest.mark.parametrize("splits,block", [(1, 128), (16, 128), (17, 128), (127, 128), (128, 128),
+                                          (129, 128), (130, 64), (300, 128)])  # fmt: skip
 @pytest.mark.parametrize("d", [64, 128])
 def test_merge_matches_float64(splits, block, d, monkeypatch):
     monkeypatch.setattr(launch, "COMBINE_BLOCK_S", block)
