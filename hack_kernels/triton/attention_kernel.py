@@ -247,7 +247,7 @@ def _load_page(
     )
 
 
-@triton.jit(do_not_specialize=["NSPLIT", "so_b", "so_h", "sml_b", "sml_h"])
+@triton.jit(do_not_specialize=["NSPLIT", "sml_b", "sml_h"])
 def hack_attn_kernel(
     q_ptr, sq_b, sq_h, sq_m,
     o_ptr, so_b, so_h, so_m, so_s,

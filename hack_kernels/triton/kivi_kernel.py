@@ -190,9 +190,10 @@ def _codes_no_zero_point(x, TOP: tl.constexpr, ASM: tl.constexpr):
     return code, scale
 
 
-# split counts, the partials' strides (which follow them) and block-table widths vary per
-# batch: not specialized on, so they never compile a new variant on the hot path
-@triton.jit(do_not_specialize=["NSPLIT", "BT_COLS", "so_b", "so_h", "sml_b", "sml_h"])
+# split counts, the (m, l) strides that follow them (2 x splits) and block-table widths vary
+# per batch: not specialized on, so they never compile a new variant on the hot path. The
+# partials' strides (multiples of head_dim) keep their divisibility, so stores stay vectorized.
+@triton.jit(do_not_specialize=["NSPLIT", "BT_COLS", "sml_b", "sml_h"])
 def kivi_attn_kernel(
     q_ptr, sq_b, sq_h, sq_m,
     o_ptr, so_b, so_h, so_m, so_s,
