@@ -77,7 +77,8 @@ def _nonempty(t):
 COMBINE_BLOCK_D = 32
 # partials a merge step reads: two sizes, so two compiled merges serve every split count (128:
 # up to 64 splits of two slots in one step; 16 for the few splits of short contexts, where the
-# merge's latency is much of the call's: b1 1K 7.2 against 7.4 us with 128 on the H100)
+# merge's latency is much of the call's; b1 1K measured 7.4-7.7 us either way on the H100, within
+# run-to-run noise: attention_notes.md version 25)
 COMBINE_BLOCK_S = 128
 COMBINE_SMALL_S = 16
 
