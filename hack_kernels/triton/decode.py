@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .kivi_gluon_launch import (
+    gluon_decode_available,
+    gluon_decode_supports,
+    run_kivi_gluon_decode,
+)
 from .kivi_launch import run_kivi_attention
 from .launch import (
     COMBINE_SMALL_S,
@@ -55,6 +60,18 @@ def decode_attention(
     # few pages in all (batch 1 up to 4K on the H100): one page a program and a split, so the
     # latency of one page rather than of two bounds the launch (attention_notes.md, version 18)
     short = kivi and b * h * max_pages <= SHORT_DECODE_PAGES
+    # long contexts of the shape class it is written for: the Gluon kernel (one warp, n = 8
+    # tensor-core columns), where the tuned table enables it
+    gluon = (
+        kivi
+        and not short
+        and bool(params.get("GLUON", False))
+        and gluon_decode_supports(d, p, cache.config.bits, hq // h)
+        and q.is_cuda
+        and gluon_decode_available()
+    )
+    if gluon:
+        params = {**params, **params.get("gluon", {})}
     min_pages = 1 if short else params.get("min_pages", 1)
     splits = num_splits or choose_splits(
         b, h, max_pages, params.get("waves", 4), min_pages, max_splits=params.get("max_splits", 64)
@@ -66,6 +83,12 @@ def decode_attention(
     c = cache
     sinks = (c.k_sink, c.v_sink, c.k_sink.stride(0), c.k_sink.stride(1), c.k_sink.stride(2))
     opens = (c.k_open, c.v_open, c.k_open.stride(0), c.k_open.stride(1), c.k_open.stride(2))
+    if gluon:
+        return run_kivi_gluon_decode(
+            q, out, seq_lens, block_tables, c.pages, sinks, opens, kv_heads=h,
+            n_sink=c.config.sink_tokens, partition=p, sm_scale=sm_scale, num_splits=splits,
+            maxnreg=params.get("maxnreg"),
+        )  # fmt: skip
     if kivi:
         return run_kivi_attention(
             q, out, seq_lens, block_tables, block_tables.stride(0), c.pages, sinks, opens,

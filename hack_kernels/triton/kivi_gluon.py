@@ -1,0 +1,204 @@
+"""Decode over closed kivi pages with explicit register layouts (Gluon; NVIDIA GPUs only).
+
+kivi_kernel.py computes scores as [16 rows, tokens] tiles: the 16 rows of a tensor-core product
+hold 4 GQA heads x 2 V channel groups, and the softmax and P rounding run over all of them. Here
+one warp computes the transposed products, whose n = 8 side fits the columns exactly:
+
+  S^T [tokens, 8] = K codes [tokens, D] . Q'^T [D, 8]     (mma m16n8k32, int8 -> int32)
+  O^T [D, 8]      = V^T codes [D, tokens] . P'^T [tokens, 8]
+
+Column n is (q head h = n // E, V channel group e = n % E): a lane's two columns are one head's
+groups, whose V scales and mins sit side by side (one 32-bit load per token). Score tiles are [64, 8] per page
+instead of [16, 128] per two pages, and every code operand comes straight from the packed bytes
+in the register layout the tensor cores read:
+- K (token rows, planar along D): the bytes 4t..4t+3 and 16+4t..16+4t+3 a lane loads are the A
+  fragment of every D-plane (channels 32j..32j+31) after one shift and mask.
+- V (channel rows, planar along tokens, 16 tokens a plane): one 32-bit word per channel row holds
+  all four planes; planes 2c and 2c+1 are the two k-halves of token chunk c.
+Only P' changes layout (C fragment -> B operand, 512 bytes a page through shared memory), and
+Q's per-page scale (8 values). The math is kivi_kernel's (bit-exact rounding of Q' and P'); the
+16-bit sinks and open page are a separate partial (kivi_open_kernel.py).
+Supported shape class: 2-bit codes, head_dim 128, partition 64, G * ceil(D / 64) <= 8.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+
+@gluon.jit
+def _plane(packed, J: gl.constexpr):
+    """int8 codes of 2-bit plane J of packed bytes, four per 32-bit shift-and-mask."""
+    if J == 0:
+        asm: gl.constexpr = "and.b32 $0, $1, 0x03030303;"
+    elif J == 1:
+        asm: gl.constexpr = "shr.b32 $0, $1, 2; and.b32 $0, $0, 0x03030303;"
+    elif J == 2:
+        asm: gl.constexpr = "shr.b32 $0, $1, 4; and.b32 $0, $0, 0x03030303;"
+    else:
+        asm: gl.constexpr = "shr.b32 $0, $1, 6; and.b32 $0, $0, 0x03030303;"
+    return gl.inline_asm_elementwise(asm, "=r,r", [packed], dtype=gl.int8, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _round_half_up(x, inv):
+    """floor(x * inv + 1/2) as int32, each step rounded on its own as the reference does."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .f32 t; mul.rn.f32 t, $1, $2; add.rn.f32 t, t, 0f3F000000;"
+        " cvt.rmi.s32.f32 $0, t; }",
+        "=r,r,r", [x, inv], dtype=gl.int32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _scale_and_inverse(amax, TOP: gl.constexpr):
+    """scale = amax / TOP and 1 / scale (0 where scale is 0), IEEE-rounded as torch does."""
+    scale = gl.div_rn(amax, gl.full(amax.shape, TOP, gl.float32, amax.type.layout))
+    safe = gl.where(scale > 0, scale, 1.0)
+    one = gl.full(amax.shape, 1.0, gl.float32, amax.type.layout)
+    inv = gl.where(scale > 0, gl.div_rn(one, safe), 0.0)
+    return scale, inv
+
+
+@gluon.jit
+def _v_operand(vb, D: gl.constexpr, PART: gl.constexpr, opA: gl.constexpr):
+    """V^T codes [D, PART] as the A operand from packed bytes vb [D, PART / 4] (byte i of a
+    channel row: tokens i, i + 16, i + 32, i + 48): the four planes joined along tokens."""
+    a = gl.join(_plane(vb, 0), _plane(vb, 1))  # [D, 16, 2]: plane 2c + half
+    b = gl.join(_plane(vb, 2), _plane(vb, 3))
+    x = gl.join(a, b)  # [D, 16, 2 (half), 2 (chunk)]
+    x = gl.permute(x, (0, 3, 2, 1))  # [D, chunk, half, byte]: token = 32 chunk + 16 half + byte
+    return gl.convert_layout(gl.reshape(x, (D, PART)), opA)
+
+
+# split counts and block-table widths vary per batch: never specialized on (no compile on
+# the hot path after warm-up)
+@gluon.jit(do_not_specialize=["NPART", "NSPLIT", "sbt_b"])
+def kivi_gluon_decode_kernel(
+    q_ptr, sq_b, sq_h,
+    part_ptr, ml_ptr, NPART,
+    seq_ptr, bt_ptr, sbt_b,
+    kc_ptr, skc_b, skc_p, skc_h, skc_t,
+    km_ptr, kss_ptr, skm_b, skm_p, skm_h,
+    vc_ptr, svc_b, svc_p, svc_h, svc_d,
+    vm_ptr, vss_ptr, svm_b, svm_p, svm_h,
+    vcs_ptr, svs_b, svs_p, svs_h,
+    NSINK, NSPLIT, KVH, qk_scale,
+    D: gl.constexpr, PART: gl.constexpr, G: gl.constexpr, E: gl.constexpr,
+):  # fmt: skip
+    NB: gl.constexpr = D // 4  # bytes of a K row; plane j holds channels j * NB ..
+    COLS: gl.constexpr = 8
+    W: gl.constexpr = D // E  # channels of a V group
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]
+    )
+    opA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    opB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+    vbl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [1, 1], [1, 0])
+
+    b = gl.program_id(0) // KVH
+    kvh = gl.program_id(0) % KVH
+    split = gl.program_id(1)
+    bk = b.to(gl.int64)
+
+    # column n: q head h = n // E, channel group e = n % E (padding columns read zeros)
+    n_b = gl.arange(0, COLS, layout=gl.SliceLayout(0, opB))
+    n_c = gl.arange(0, COLS, layout=gl.SliceLayout(0, mma))
+    k_b = gl.arange(0, NB, layout=gl.SliceLayout(1, opB))  # channel within a plane
+    col_ok = n_b < G * E
+    qcol = q_ptr + bk * sq_b + (kvh * G + n_b // E).to(gl.int64) * sq_h
+    q0 = gl.load(qcol[None, :] + k_b[:, None], mask=col_ok[None, :], other=0.0).to(gl.float32)
+    q1 = gl.load(qcol[None, :] + NB + k_b[:, None], mask=col_ok[None, :], other=0.0)
+    q2 = gl.load(qcol[None, :] + 2 * NB + k_b[:, None], mask=col_ok[None, :], other=0.0)
+    q3 = gl.load(qcol[None, :] + 3 * NB + k_b[:, None], mask=col_ok[None, :], other=0.0)
+    q1 = q1.to(gl.float32)
+    q2 = q2.to(gl.float32)
+    q3 = q3.to(gl.float32)
+
+    tok_a = gl.arange(0, PART, layout=gl.SliceLayout(1, opA))  # K rows: tokens
+    byte_a = gl.arange(0, NB, layout=gl.SliceLayout(0, opA))
+    tok_c = gl.arange(0, PART, layout=gl.SliceLayout(1, mma))
+    e_c = n_c % E
+    ch_v = gl.arange(0, D, layout=gl.SliceLayout(1, vbl))
+    byte_v = gl.arange(0, PART // 4, layout=gl.SliceLayout(0, vbl))
+    ch_c = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
+
+    T = gl.load(seq_ptr + b)
+    n_sink = gl.minimum(T, NSINK)
+    n_pages = (T - n_sink) // PART
+    m_i = gl.full([COLS], -float("inf"), gl.float32, gl.SliceLayout(0, mma))
+    l_i = gl.zeros([COLS], gl.float32, gl.SliceLayout(0, mma))
+    acc = gl.zeros([D, COLS], gl.float32, mma)
+
+    # split k takes pages k, k + NSPLIT, ...
+    for j in range(split, n_pages, NSPLIT):
+        pg = gl.load(bt_ptr + b * sbt_b + j).to(gl.int64)
+
+        # S^T = s_q (K codes . c_q^T) + m_k . Q, Q' = Q * s_k rounded per column to int8
+        kb = gl.load(
+            kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h
+            + tok_a[:, None] * skc_t + byte_a[None, :]
+        )  # fmt: skip
+        mb = bk * skm_b + pg * skm_p + kvh * skm_h + k_b
+        s0 = gl.load(kss_ptr + mb).to(gl.float32)[:, None]
+        s1 = gl.load(kss_ptr + mb + NB).to(gl.float32)[:, None]
+        s2 = gl.load(kss_ptr + mb + 2 * NB).to(gl.float32)[:, None]
+        s3 = gl.load(kss_ptr + mb + 3 * NB).to(gl.float32)[:, None]
+        x0 = q0 * s0
+        x1 = q1 * s1
+        x2 = q2 * s2
+        x3 = q3 * s3
+        # reductions over channels: elementwise across the planes first, one shuffle tree
+        ax = gl.maximum(gl.maximum(gl.abs(x0), gl.abs(x1)), gl.maximum(gl.abs(x2), gl.abs(x3)))
+        amax = gl.max(ax, axis=0)
+        qm = q0 * gl.load(km_ptr + mb).to(gl.float32)[:, None]
+        qm += q1 * gl.load(km_ptr + mb + NB).to(gl.float32)[:, None]
+        qm += q2 * gl.load(km_ptr + mb + 2 * NB).to(gl.float32)[:, None]
+        qm += q3 * gl.load(km_ptr + mb + 3 * NB).to(gl.float32)[:, None]
+        qm = gl.sum(qm, axis=0)
+        scale, inv = _scale_and_inverse(amax, 127.0)
+        inv2 = gl.broadcast(inv[None, :], x0)[0]
+        qk = gl.zeros([PART, COLS], gl.int32, mma)
+        qk = mma_v2(_plane(kb, 0), _round_half_up(x0, inv2).to(gl.int8), qk)
+        qk = mma_v2(_plane(kb, 1), _round_half_up(x1, inv2).to(gl.int8), qk)
+        qk = mma_v2(_plane(kb, 2), _round_half_up(x2, inv2).to(gl.int8), qk)
+        qk = mma_v2(_plane(kb, 3), _round_half_up(x3, inv2).to(gl.int8), qk)
+        s_q = gl.convert_layout(scale * qk_scale, gl.SliceLayout(0, mma))
+        q_m = gl.convert_layout(qm * qk_scale, gl.SliceLayout(0, mma))
+        s = qk.to(gl.float32) * s_q[None, :] + q_m[None, :]
+
+        # online softmax per column
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+
+        # O^T += s_p (V^T codes . (c_p - 128)^T + 128 colsum) + m_v . P, P' = P * s_v[:, e]
+        vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
+        s_v = gl.load(vss_ptr + vmeta).to(gl.float32)
+        m_v = gl.load(vm_ptr + vmeta).to(gl.float32)
+        xp = p * s_v
+        s_p, inv_p = _scale_and_inverse(gl.max(xp, axis=0), 255.0)
+        c_p = _round_half_up(xp, gl.broadcast(inv_p[None, :], xp)[0]) - 128
+        vb = gl.load(
+            vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h
+            + ch_v[:, None] * svc_d + byte_v[None, :]
+        )  # fmt: skip
+        pv = gl.zeros([D, COLS], gl.int32, mma)
+        pv = mma_v2(_v_operand(vb, D, PART, opA), gl.convert_layout(c_p.to(gl.int8), opB), pv)
+        colsum = gl.load(vcs_ptr + bk * svs_b + pg * svs_p + kvh * svs_h + ch_c).to(gl.float32)
+        pm = gl.sum(p * m_v, axis=0)
+        acc = acc * alpha[None, :] + s_p[None, :] * (pv.to(gl.float32) + 128.0 * colsum[:, None])
+        acc += pm[None, :]
+        m_i = m_new
+
+    # column (h, e) writes head h's channels of group e; e == 0 writes m and l
+    h_c = kvh * G + n_c // E
+    prow = (bk * (KVH * G) + h_c.to(gl.int64)) * NPART + split
+    keep = (n_c < G * E)[None, :] & ((ch_c // W)[:, None] == e_c[None, :])
+    gl.store(part_ptr + prow[None, :] * D + ch_c[:, None], acc, mask=keep)
+    first = (n_c < G * E) & (e_c == 0)
+    gl.store(ml_ptr + prow * 2, m_i, mask=first)
+    gl.store(ml_ptr + prow * 2 + 1, l_i, mask=first)

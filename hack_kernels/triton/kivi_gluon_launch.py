@@ -1,0 +1,92 @@
+"""Launching kivi_gluon_decode_kernel: closed pages on one warp per program, the 16-bit sinks
+and open page as one more partial (open_partial.py), then the split merge."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .kivi_launch import _bstride
+from .kivi_pages import KiviPages
+from .launch import LAST_COMPILED, LOG2E, _nonempty, combine_splits, interpreting
+from .open_partial import open_partial_kernel
+
+
+def gluon_decode_available() -> bool:
+    """Gluon kernels run on NVIDIA GPUs of compute capability 8.0 or newer (mma.sync int8);
+    never under the CPU interpreter."""
+    if interpreting() or not torch.cuda.is_available():
+        return False
+    if torch.version.hip is not None or torch.cuda.get_device_capability() < (8, 0):
+        return False
+    try:
+        from . import kivi_gluon  # noqa: F401
+    except ImportError:  # a Triton without Gluon
+        return False
+    return True
+
+
+def gluon_decode_supports(head_dim: int, partition: int, bits: int, group: int) -> bool:
+    """The shape class kivi_gluon_decode_kernel is written for."""
+    return head_dim == 128 and partition == 64 and bits == 2 and group * head_dim // 64 <= 8
+
+
+def run_kivi_gluon_decode(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    pages: KiviPages,
+    sinks: tuple,
+    opens: tuple,
+    *,
+    kv_heads: int,
+    n_sink: int,
+    partition: int,
+    sm_scale: float | None,
+    num_splits: int,
+    maxnreg: int | None = None,
+) -> torch.Tensor:
+    """Decode of q [B, Hq, 1, D] over the cache's kivi pages (physical page ids from
+    block_tables [B, pages], lengths seq_lens [B]); sinks / opens = (k, v, s_batch, s_head,
+    s_token) of the 16-bit tokens. num_splits partials of closed pages plus one of 16-bit ones."""
+    from .kivi_gluon import kivi_gluon_decode_kernel
+
+    b, hq, _, d = q.shape
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    g = hq // kv_heads
+    e = d // partition
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    sinks, opens = (tuple(_nonempty(t) for t in grp) for grp in (sinks, opens))
+    nparts = num_splits + 1
+    part = torch.empty((b, hq, nparts, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b, hq, nparts, 2), dtype=torch.float32, device=q.device)
+    open_partial_kernel[(b * kv_heads,)](
+        q, q.stride(0), q.stride(1), part, ml, nparts, num_splits, seq_lens,
+        *sinks, *opens, n_sink, kv_heads, scale,
+        D=d, PART=partition, G=g, ROWS=max(16, triton.next_power_of_2(g)), BLOCK16=16,
+        INTERP=False, num_warps=4,
+    )  # fmt: skip
+    if num_splits:
+        kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
+        vc, vm, vs, vcs = pages.v_codes, pages.v_mins, pages.v_scales, pages.v_colsums
+        launch = {"num_warps": 1}
+        if maxnreg:
+            launch["maxnreg"] = int(maxnreg)
+        compiled = kivi_gluon_decode_kernel[(b * kv_heads, num_splits)](
+            q, q.stride(0), q.stride(1), part, ml, nparts,
+            seq_lens, block_tables, block_tables.stride(0),
+            kc, _bstride(kc, b), kc.stride(1), kc.stride(2), kc.stride(3),
+            km, ks, _bstride(km, b), km.stride(1), km.stride(2),
+            vc, _bstride(vc, b), vc.stride(1), vc.stride(2), vc.stride(3),
+            vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2),
+            vcs, _bstride(vcs, b), vcs.stride(1), vcs.stride(2),
+            n_sink, num_splits, kv_heads, scale,
+            D=d, PART=partition, G=g, E=e, **launch,
+        )  # fmt: skip
+        LAST_COMPILED[("decode_kivi_gluon", d, partition)] = compiled
+    combine_splits(part, ml, out)
+    return out

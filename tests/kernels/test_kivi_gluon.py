@@ -1,0 +1,106 @@
+"""The Gluon decode kernel (kivi_gluon.py) and the 16-bit partial beside it (open_partial.py).
+
+On a GPU: decode through the Gluon path against reference_attention of the same quantization
+(relative error <= 1e-3, NaN-poisoned outputs), ragged batches around page boundaries, GQA
+groups 1, 2 and 4, sinks, fp16 and bf16. On the CPU, where Gluon cannot run (no interpreter):
+the 16-bit partial against float64 attention under the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hack_kernels.triton.decode as decode_module
+from hack_kernels import HackConfig
+from hack_kernels.triton import launch
+from hack_kernels.triton.launch import combine_splits
+from hack_kernels.triton.open_partial import open_partial_kernel
+from tests.kernels.helpers import DEVICE, assert_decode_matches, filled_cache, rel_written
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+
+def _kv(gen, b, h, t, d, dtype):
+    k = torch.randn(b, h, t, d, generator=gen) * (1 + 5 * (torch.rand(d, generator=gen) > 0.9))
+    return k.to(dtype), torch.randn(b, h, t, d, generator=gen).to(dtype)
+
+
+GLUON_CASES = [
+    # (sinks, prompt lengths, q_heads, kv_heads, dtype); + 3 appends each
+    (0, [1, 61, 62, 190], 8, 2, torch.float16),  # 61 + 3 closes a page during append
+    (4, [3, 67, 129, 250], 8, 2, torch.bfloat16),  # fewer tokens than sinks; 64 + 4 sinks +- 1
+    (0, [300, 5], 4, 2, torch.float16),  # G = 2 (columns half padding)
+    (2, [200, 100], 2, 2, torch.float16),  # G = 1
+]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Gluon kernels run on NVIDIA GPUs only")
+@pytest.mark.parametrize("case", GLUON_CASES)
+def test_gluon_decode_matches_reference(case, monkeypatch):
+    from hack_kernels.triton.kivi_gluon_launch import gluon_decode_available
+
+    assert gluon_decode_available()
+    monkeypatch.setattr(decode_module, "SHORT_DECODE_PAGES", -1)  # every batch the long path
+    key = ("decode_kivi", 128, 64)
+    monkeypatch.setitem(launch.TUNED, key, {**launch.TUNED.get(key, {}), "GLUON": True})
+    launch.LAST_COMPILED.pop(("decode_kivi_gluon", 128, 64), None)
+    sinks, lens, hq, hk, dtype = case
+    gen = torch.Generator().manual_seed(sum(lens) + hq)
+    cfg = HackConfig(bits=2, partition=64, sink_tokens=sinks, layout="kivi")
+    cache, qkvs = filled_cache(cfg, lens, hk, 128, dtype, _kv, gen)
+    assert_decode_matches(cache, qkvs, torch.randn(len(lens), hq, 1, 128, generator=gen).to(dtype))
+    assert ("decode_kivi_gluon", 128, 64) in launch.LAST_COMPILED  # the Gluon path ran
+
+
+def _attend64(q, k, v, scale):
+    """float64 softmax attention of q [G, D] over k, v [T, D]."""
+    s = (q.double() @ k.double().T) * scale
+    return torch.softmax(s, -1) @ v.double()
+
+
+@pytest.mark.parametrize(
+    "n_sink,n_open", [(0, 1), (4, 0), (3, 63), (0, 0), (2, 17), (0, 63), (3, 0), (0, 17), (0, 16)]
+)
+def test_open_partial_matches_float64(n_sink, n_open):
+    # one partial over the sinks and open page, merged alone: softmax attention over exactly
+    # those tokens (the closed pages between them are not this kernel's)
+    gen = torch.Generator().manual_seed(n_sink * 100 + n_open)
+    b, kvh, g, d, part, closed = 2, 2, 3, 64, 64, 2
+    ks = torch.randn(b, kvh, max(n_sink, 1), d, generator=gen).half()
+    vs = torch.randn(b, kvh, max(n_sink, 1), d, generator=gen).half()
+    ko = torch.randn(b, kvh, part, d, generator=gen).half()
+    vo = torch.randn(b, kvh, part, d, generator=gen).half()
+    q = torch.randn(b, kvh * g, 1, d, generator=gen).half()
+    seq = torch.full((b,), n_sink + closed * part + n_open, dtype=torch.int32)
+    nparts, idx = 3, 2  # two partials of closed pages would sit before it
+    part_t = torch.full((b, kvh * g, nparts, d), float("nan"))
+    ml = torch.full((b, kvh * g, nparts, 2), float("nan"))
+    ml[..., :idx, 0] = -float("inf")  # the other partials: empty
+    ml[..., :idx, 1] = 0.0
+    part_t[..., :idx, :] = 0.0
+    scale = 1 / math.sqrt(d)
+    t = [x.to(DEVICE) for x in (q, part_t, ml, seq, ks, vs, ko, vo)]
+    q_d, part_d, ml_d, seq_d, ks_d, vs_d, ko_d, vo_d = t
+    open_partial_kernel[(b * kvh,)](
+        q_d, q_d.stride(0), q_d.stride(1), part_d, ml_d, nparts, idx, seq_d,
+        ks_d, vs_d, ks_d.stride(0), ks_d.stride(1), ks_d.stride(2),
+        ko_d, vo_d, ko_d.stride(0), ko_d.stride(1), ko_d.stride(2),
+        n_sink, kvh, scale * 1.4426950408889634,
+        D=d, PART=part, G=g, ROWS=16, BLOCK16=16, INTERP=DEVICE == "cpu",
+    )  # fmt: skip
+    if n_sink + n_open == 0:  # nothing to attend: an empty partial the merge skips
+        assert torch.all(ml_d[..., idx, 0].cpu() == -float("inf"))
+        assert torch.all(ml_d[..., idx, 1].cpu() == 0)
+        return
+    out = torch.full((b, kvh * g, 1, d), float("nan"), device=DEVICE)
+    combine_splits(part_d, ml_d, out)
+    for i in range(b):
+        for h in range(kvh):
+            k = torch.cat([ks[i, h, :n_sink], ko[i, h, :n_open]])
+            v = torch.cat([vs[i, h, :n_sink], vo[i, h, :n_open]])
+            want = _attend64(q[i, h * g : (h + 1) * g, 0], k, v, scale)
+            got = out[i, h * g : (h + 1) * g, 0]
+            assert rel_written(got, want) <= 1e-3, (i, h)
