@@ -71,19 +71,22 @@ def run_kivi_gluon_decode(
         INTERP=False, num_warps=4,
     )  # fmt: skip
     if num_splits:
+        for name, t in pages.tensors().items():
+            # a page's data per kv head contiguous: the kernel's offsets in it are constants
+            if t.numel() and not t[0, 0, 0].is_contiguous():
+                raise ValueError(f"page array {name} must be contiguous within a page and head")
         kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
-        vc, vm, vs, vcs = pages.v_codes, pages.v_mins, pages.v_scales, pages.v_colsums
+        vc, vm, vs = pages.v_codes, pages.v_mins, pages.v_scales
         launch = {"num_warps": 1}
         if maxnreg:
             launch["maxnreg"] = int(maxnreg)
         compiled = kivi_gluon_decode_kernel[(b * kv_heads, num_splits)](
             q, q.stride(0), q.stride(1), part, ml, nparts,
             seq_lens, block_tables, block_tables.stride(0),
-            kc, _bstride(kc, b), kc.stride(1), kc.stride(2), kc.stride(3),
+            kc, _bstride(kc, b), kc.stride(1), kc.stride(2),
             km, ks, _bstride(km, b), km.stride(1), km.stride(2),
-            vc, _bstride(vc, b), vc.stride(1), vc.stride(2), vc.stride(3),
+            vc, _bstride(vc, b), vc.stride(1), vc.stride(2),
             vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2),
-            vcs, _bstride(vcs, b), vcs.stride(1), vcs.stride(2),
             n_sink, num_splits, kv_heads, scale,
             D=d, PART=partition, G=g, E=e, **launch,
         )  # fmt: skip

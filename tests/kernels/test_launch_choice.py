@@ -30,7 +30,7 @@ def test_tuned_table_names_known_kinds_and_launch_knobs():
     table = json.loads(launch.TUNED_FILE.read_text())
     knobs = {"num_warps", "num_stages", "waves", "min_pages", "max_splits", "SLOTS", "UNPACK",
              "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_T", "k_warps", "v_warps", "PREFETCH",
-             "DOT16", "maxnreg", "ASM", "FP_FUSION"}  # fmt: skip
+             "DOT16", "maxnreg", "ASM", "FP_FUSION", "GLUON", "gluon"}  # fmt: skip
     for key, conf in table.items():
         kind, d, p = key.split("|")
         assert kind in launch.DEFAULTS, key
