@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"hack_transport/proto/hack_kv.proto\x12\nhack_kv.v1\"i\n\rTransferChunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cstream_index\x18\x02 \x01(\r\x12\x13\n\x0bnum_streams\x18\x03 \x01(\r\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"Z\n\x0bTransferAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06tensor\x18\x03 \x01(\t\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x32N\n\nKVTransfer\x12@\n\x08Transfer\x12\x19.hack_kv.v1.TransferChunk\x1a\x17.hack_kv.v1.TransferAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"hack_transport/proto/hack_kv.proto\x12\nhack_kv.v1\"v\n\rTransferChunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x14\n\x0cstream_index\x18\x02 \x01(\r\x12\x13\n\x0bnum_streams\x18\x03 \x01(\r\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0b\n\x03pad\x18\x06 \x01(\x0c\"Z\n\x0bTransferAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06tensor\x18\x03 \x01(\t\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\x32N\n\nKVTransfer\x12@\n\x08Transfer\x12\x19.hack_kv.v1.TransferChunk\x1a\x17.hack_kv.v1.TransferAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hack_transport.proto.hack_k
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSFERCHUNK']._serialized_start=50
-  _globals['_TRANSFERCHUNK']._serialized_end=155
-  _globals['_TRANSFERACK']._serialized_start=157
-  _globals['_TRANSFERACK']._serialized_end=247
-  _globals['_KVTRANSFER']._serialized_start=249
-  _globals['_KVTRANSFER']._serialized_end=327
+  _globals['_TRANSFERCHUNK']._serialized_end=168
+  _globals['_TRANSFERACK']._serialized_start=170
+  _globals['_TRANSFERACK']._serialized_end=260
+  _globals['_KVTRANSFER']._serialized_start=262
+  _globals['_KVTRANSFER']._serialized_end=340
 # @@protoc_insertion_point(module_scope)

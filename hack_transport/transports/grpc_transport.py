@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from .. import wire
+from ..bufpool import DEFAULT_IDLE_BYTES
 from ..proto import hack_kv_pb2 as pb
 from ..proto import hack_kv_pb2_grpc as pb_grpc
 from .assembler import FrameAssembler
@@ -34,6 +35,9 @@ from .grpc_chunks import encode_chunk, parse_chunk
 
 CHUNK = 1 << 20
 MIN_CHUNK = 1 << 20
+# Frames up to this size travel as one message each, kept by the receiver as their payload; it
+# stays under the 5 MiB receive limit that every receiver has had (older ones copy it out).
+WHOLE_FRAME = 4 << 20
 TOKEN_HEADER = "x-hack-kv-token"
 SERVICE = "hack_kv.v1.KVTransfer"
 TAIL_HEADER = "x-hack-kv-tail-s"
@@ -49,14 +53,21 @@ def _options(max_message: int) -> list[tuple[str, int]]:
 _HEAP_TUNED = False
 
 
-def keep_heap_pages(mmap_threshold: int = 8 << 20, trim_threshold: int = 32 << 20) -> bool:
+def keep_heap_pages(
+    mmap_threshold: int = 8 << 20, trim_threshold: int = DEFAULT_IDLE_BYTES
+) -> bool:
     """Let glibc reuse freed heap memory for gRPC's received messages instead of returning it to
-    the kernel. grpc hands each message to Python as a fresh ~1 MiB bytes object, allocated on
-    grpc's own threads; their malloc arenas mapped and trimmed such blocks over and over, so
-    page faults and page zeroing took about a fifth of the receiver's CPU (perf: clear_page,
+    the kernel. grpc hands each message to Python as a fresh bytes object, allocated on grpc's
+    own threads; their malloc arenas mapped and trimmed such blocks over and over, so page
+    faults and page zeroing took about a fifth of the receiver's CPU (perf: clear_page,
     exc_page_fault), and Llama-8B 4K p64 requests took 84-99 ms against 72-83 with this
-    (transfer_notes.md). Process-wide and once; False where malloc is not glibc's or the
-    environment already tunes it (MALLOC_*_ or GLIBC_TUNABLES), which then wins."""
+    (transfer_notes.md). A whole-frame message is kept as its frame's payload until the
+    transfer is committed and dropped, so a whole transfer's messages are freed at once: the
+    trim threshold is the receive-buffer pool's idle bound (1 GiB), below which freed memory
+    stays for the next transfer as the pool's buffers do (32 MiB trimmed ~100 MB after each
+    Llama-8B 4K request and faulted it in again). Process-wide and once; False where malloc
+    is not glibc's or the environment already tunes it (MALLOC_*_ or GLIBC_TUNABLES), which
+    then wins."""
     global _HEAP_TUNED
     if _HEAP_TUNED:
         return True
@@ -106,6 +117,8 @@ class GrpcReceiver(KVReceiver):
         self.tune_malloc = tune_malloc
         self.pending_timeout = pending_timeout
         self._pending: dict[str, _Pending] = {}
+        # Frame payloads kept as the received message (whole-frame messages) or copied out.
+        self.payload_views = self.payload_copies = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         max_msg = 4 * CHUNK + (1 << 20)
@@ -178,7 +191,7 @@ class GrpcReceiver(KVReceiver):
                     asm = FrameAssembler(self.limits, self.expect_model, alloc, self.pool.acquire)
                     expected_frames = chunk.num_frames
                 last_byte = time.perf_counter()  # before this chunk's checks
-                asm.feed(chunk.data)
+                asm.feed(chunk.data, chunk.data_address)
             if asm is None:
                 return pb.TransferAck(ok=False, error="empty stream")
             if not asm.idle or len(asm.blocks) != expected_frames:
@@ -195,6 +208,10 @@ class GrpcReceiver(KVReceiver):
             self._fail(key, "a stream was aborted")
             self.pending_bytes -= held
             raise
+        finally:
+            if asm is not None:
+                self.payload_views += asm.views
+                self.payload_copies += asm.copies
         p = self._pending.get(key)
         if p is None or p.failed:
             self.pending_bytes -= held
@@ -225,23 +242,56 @@ class GrpcReceiver(KVReceiver):
             p.failed = why
 
 
+def _payload_at(frame: list[memoryview]) -> int | None:
+    """Offset of a frame's first payload byte (after prefix and header), None if not a frame."""
+    head = frame[0] if frame and len(frame[0]) >= wire.PREFIX.size else b"".join(frame)
+    if len(head) < wire.PREFIX.size:
+        return None
+    magic, _, _, hlen, _ = wire.PREFIX.unpack_from(head)
+    return wire.PREFIX.size + hlen if magic == wire.MAGIC else None
+
+
 def _chunks(
-    first: pb.TransferChunk, frames: Sequence[Sequence[Buffer]], size: int
+    first: pb.TransferChunk, frames: Sequence[Sequence[Buffer]], size: int, whole: int = 0
 ) -> Iterator[bytes]:
-    """The stream's serialized messages: one copy of the frame bytes into chunks of `size`."""
-    pieces, total, head = [], 0, first
+    """The stream's serialized messages, one copy of the frame bytes. Frames of at most `whole`
+    bytes go whole, one message for as many consecutive frames as stay under `whole` and
+    reach `size`, the first frame's payload aligned (encode_chunk's pad) for the receiver to
+    keep as is; larger frames (all with whole=0) in chunks of `size` that run across frames."""
+    pieces: list[memoryview] = []
+    total, head, align_at, grouped, sent = 0, first, None, False, False
+
+    def flush() -> bytes:
+        nonlocal pieces, total, head, align_at, grouped, sent
+        msg = encode_chunk(head, pieces, align_at)
+        pieces, total, head, align_at, grouped, sent = [], 0, None, None, False, True
+        return msg
+
     for frame in frames:
-        for buf in frame:
-            mv = memoryview(buf).cast("B")
+        bufs = [memoryview(buf).cast("B") for buf in frame]
+        n = sum(len(b) for b in bufs)
+        if n <= whole:
+            if pieces and (not grouped or total + n > whole):
+                yield flush()
+            if not pieces:
+                grouped, align_at = True, _payload_at(bufs)
+            pieces += bufs
+            total += n
+            if total >= size:
+                yield flush()
+            continue
+        if grouped:  # whole frames pending: they go first
+            yield flush()
+        for mv in bufs:
             while len(mv):
                 take = min(size - total, len(mv))
                 pieces.append(mv[:take])
                 total += take
                 mv = mv[take:]
                 if total == size:
-                    yield encode_chunk(head, pieces)
-                    head, pieces, total = None, [], 0
-    yield encode_chunk(head, pieces)
+                    yield flush()
+    if pieces or not sent:
+        yield flush()
 
 
 class GrpcSender(KVSender):
@@ -252,6 +302,7 @@ class GrpcSender(KVSender):
         *,
         streams: int = 2,
         chunk_bytes: int = CHUNK,
+        whole_frames: bool = True,
         root_certificates: bytes | None = None,
         tls_server_name: str | None = None,
         **kw,
@@ -262,11 +313,12 @@ class GrpcSender(KVSender):
         self.target = f"{host}:{port}"
         self.streams = streams
         self.chunk_bytes = chunk_bytes
+        self.whole = WHOLE_FRAME if whole_frames else 0  # 0: every frame in chunk_bytes chunks
         self.root_certificates = root_certificates
         self.tls_server_name = tls_server_name
 
     def _channel(self) -> grpc.aio.Channel:
-        opts = _options(self.chunk_bytes + (1 << 20))
+        opts = _options(max(self.chunk_bytes, self.whole) + (1 << 20))
         if self.root_certificates is None:
             return grpc.aio.insecure_channel(self.target, options=opts)
         if self.tls_server_name:
@@ -316,7 +368,7 @@ class GrpcSender(KVSender):
                 first = pb.TransferChunk(
                     key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
                 )
-                chunks = _chunks(first, groups[i], self.chunk_bytes)
+                chunks = _chunks(first, groups[i], self.chunk_bytes, self.whole)
                 call = transfer(paced(chunks) if link is not None else chunks, metadata=meta)
                 ack = await call
                 if ack.committed:

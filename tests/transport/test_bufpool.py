@@ -21,6 +21,13 @@ from .test_transports import KINDS, _flip, _serve, run
 pytestmark = pytest.mark.timeout(60)
 
 
+def _pooled_sender(kind: str, port: int):
+    """A sender whose frames land in pooled buffers: gRPC's whole-frame messages are kept as the
+    payload itself (no pool), its chunked messages are copied into pooled buffers."""
+    extra = {"whole_frames": False} if kind == "grpc" else {}
+    return make_sender(kind, "127.0.0.1", port, timeout=20, **extra)
+
+
 def _address(buf: memoryview) -> int:
     return torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
 
@@ -110,7 +117,7 @@ def test_reused_buffers_leave_held_transfers_intact(kind):
     async def go():
         rcv, port = await _serve(kind, expect_model=model)
         try:
-            s = make_sender(kind, "127.0.0.1", port, timeout=20)
+            s = _pooled_sender(kind, port)
             await s.send("a", blocks_a)
             await s.send("b", blocks_b)  # "a" is held in rcv.received: fresh buffers
             assert rcv.pool.reused == 0 and _same(kv_a, rcv.received["a"])
@@ -136,7 +143,7 @@ def test_flipped_byte_in_a_reused_buffer_is_rejected_naming_the_tensor(kind):
     async def go():
         rcv, port = await _serve(kind, expect_model=model, commit=lambda k, b: kept.append(k))
         try:
-            s = make_sender(kind, "127.0.0.1", port, timeout=20)
+            s = _pooled_sender(kind, port)
             await s.send("good", blocks)  # committed and dropped: its buffers return
             gc.collect()
             with pytest.raises(TransferError) as e:

@@ -198,7 +198,7 @@ def test_grpc_truncated_stream_commits_nothing(request_kv):
     frame = wire.encode_frame(blocks[0])
     real = gt._chunks
 
-    def short(first, frames, size):  # serialized by protobuf itself: peers interoperate
+    def short(first, frames, size, whole=0):  # serialized by protobuf itself: peers interoperate
         first.data = frame[: len(frame) - 3]
         yield first.SerializeToString()
 

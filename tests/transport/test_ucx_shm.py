@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import xxhash
 
-from hack_kernels import HackConfig, quantize_kv
 from hack_transport import wire
 from hack_transport.transports import available_kinds, make_sender
 from hack_transport.transports.base import TransferError
@@ -24,6 +22,7 @@ from hack_transport.transports.base import TransferError
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests/transport"))
+from kvgen import layered  # noqa: E402
 from peer import frames as raw_frames  # noqa: E402
 from test_transports import _flip  # noqa: E402
 
@@ -61,16 +60,8 @@ def test_proto_transports_parses_ucx_tables():
 
 def _hack_request() -> tuple[wire.ModelIdentity, list[wire.Block]]:
     """Two layers of 1,024 + 7 tokens, 8 heads, d128: 256 KiB code tensors (UCX rendezvous)."""
-    cfg = HackConfig(partition=64)
-    g = torch.Generator().manual_seed(5)
-    kvs = []
-    for _ in range(2):
-        k = torch.randn(1, 8, 1031, 128, generator=g).half()
-        kvs.append(quantize_kv(k, torch.randn(k.shape, generator=g).half(), cfg))
-    model = wire.model_identity("shm", 2, 8, 128, torch.float16, cfg)
-    return model, [
-        b for i, kv in enumerate(kvs) for b in wire.split_kv([kv], 4096, model, layer_start=i)
-    ]
+    _, model, blocks = layered("shm", 1031)
+    return model, blocks
 
 
 def _digest(blocks: list) -> str:
