@@ -63,6 +63,24 @@ def _scale_and_inverse(amax, TOP: gl.constexpr):
 
 
 @gluon.jit
+def _k_operand(kb, PART: gl.constexpr, D: gl.constexpr, opA: gl.constexpr):
+    """K codes [PART, D] as the A operand from packed bytes kb [PART, D / 4] (byte i of a
+    token row: channels i, i + D/4, i + D/2, i + 3D/4): the four planes joined along D."""
+    a = gl.join(_plane(kb, 0), _plane(kb, 1))
+    b = gl.join(_plane(kb, 2), _plane(kb, 3))
+    x = gl.permute(gl.join(a, b), (0, 3, 2, 1))  # [PART, plane // 2, plane % 2, byte]
+    return gl.convert_layout(gl.reshape(x, (PART, D)), opA)
+
+
+@gluon.jit
+def _per_column(x, E: gl.constexpr, layout: gl.constexpr):
+    """[heads] -> [heads * E] (column h * E + e holds x[h]) in `layout`."""
+    if E == 2:
+        x = gl.reshape(gl.join(x, x), (2 * x.shape[0],))
+    return gl.convert_layout(x, layout)
+
+
+@gluon.jit
 def _v_operand(vb, D: gl.constexpr, PART: gl.constexpr, opA: gl.constexpr):
     """V^T codes [D, PART] as the A operand from packed bytes vb [D, PART / 4] (byte i of a
     channel row: tokens i, i + 16, i + 32, i + 48): the four planes joined along tokens."""
@@ -102,19 +120,16 @@ def kivi_gluon_decode_kernel(
     split = gl.program_id(1)
     bk = b.to(gl.int64)
 
-    # column n: q head h = n // E, channel group e = n % E (padding columns read zeros)
-    n_b = gl.arange(0, COLS, layout=gl.SliceLayout(0, opB))
+    # Q' is folded and rounded once per head ([D, HP] over the warp, 16 channels a lane) and
+    # then copied to both of a head's columns (n = h * E + e); padding heads read zeros
+    HP: gl.constexpr = COLS // E
+    fl: gl.constexpr = gl.BlockedLayout([D // 8, 1], [8, 4], [1, 1], [0, 1])
+    ch_f = gl.arange(0, D, layout=gl.SliceLayout(1, fl))
+    h_f = gl.arange(0, HP, layout=gl.SliceLayout(0, fl))
+    qrow = q_ptr + bk * sq_b + (kvh * G + h_f).to(gl.int64) * sq_h
+    qf = gl.load(qrow[None, :] + ch_f[:, None], mask=(h_f < G)[None, :], other=0.0)
+    qf = qf.to(gl.float32)
     n_c = gl.arange(0, COLS, layout=gl.SliceLayout(0, mma))
-    k_b = gl.arange(0, NB, layout=gl.SliceLayout(1, opB))  # channel within a plane
-    col_ok = n_b < G * E
-    qcol = q_ptr + bk * sq_b + (kvh * G + n_b // E).to(gl.int64) * sq_h
-    q0 = gl.load(qcol[None, :] + k_b[:, None], mask=col_ok[None, :], other=0.0).to(gl.float32)
-    q1 = gl.load(qcol[None, :] + NB + k_b[:, None], mask=col_ok[None, :], other=0.0)
-    q2 = gl.load(qcol[None, :] + 2 * NB + k_b[:, None], mask=col_ok[None, :], other=0.0)
-    q3 = gl.load(qcol[None, :] + 3 * NB + k_b[:, None], mask=col_ok[None, :], other=0.0)
-    q1 = q1.to(gl.float32)
-    q2 = q2.to(gl.float32)
-    q3 = q3.to(gl.float32)
 
     tok_a = gl.arange(0, PART, layout=gl.SliceLayout(1, opA))  # K rows: tokens
     byte_a = gl.arange(0, NB, layout=gl.SliceLayout(0, opA))
@@ -132,41 +147,39 @@ def kivi_gluon_decode_kernel(
     acc = gl.zeros([D, COLS], gl.float32, mma)
     sixty_four = gl.full([PART, COLS], 64, gl.int8, opB)
 
-    # split k takes pages k, k + NSPLIT, ...
+    # split k takes pages k, k + NSPLIT, ...; the next page's id is read one page ahead
+    pg_next = gl.load(bt_ptr + b * sbt_b + split, mask=split < n_pages, other=0)
     for j in range(split, n_pages, NSPLIT):
-        pg = gl.load(bt_ptr + b * sbt_b + j).to(gl.int64)
+        pg = pg_next.to(gl.int64)
+        pg_next = gl.load(bt_ptr + b * sbt_b + j + NSPLIT, mask=j + NSPLIT < n_pages, other=0)
 
         # S^T = s_q (K codes . c_q^T) + m_k . Q, Q' = Q * s_k rounded per column to int8
         kb = gl.load(
             kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h
             + tok_a[:, None] * NB + byte_a[None, :]
         )  # fmt: skip
-        mb = bk * skm_b + pg * skm_p + kvh * skm_h + k_b
-        s0 = gl.load(kss_ptr + mb).to(gl.float32)[:, None]
-        s1 = gl.load(kss_ptr + mb + NB).to(gl.float32)[:, None]
-        s2 = gl.load(kss_ptr + mb + 2 * NB).to(gl.float32)[:, None]
-        s3 = gl.load(kss_ptr + mb + 3 * NB).to(gl.float32)[:, None]
-        x0 = q0 * s0
-        x1 = q1 * s1
-        x2 = q2 * s2
-        x3 = q3 * s3
-        # reductions over channels: elementwise across the planes first, one shuffle tree
-        ax = gl.maximum(gl.maximum(gl.abs(x0), gl.abs(x1)), gl.maximum(gl.abs(x2), gl.abs(x3)))
-        amax = gl.max(ax, axis=0)
-        qm = q0 * gl.load(km_ptr + mb).to(gl.float32)[:, None]
-        qm += q1 * gl.load(km_ptr + mb + NB).to(gl.float32)[:, None]
-        qm += q2 * gl.load(km_ptr + mb + 2 * NB).to(gl.float32)[:, None]
-        qm += q3 * gl.load(km_ptr + mb + 3 * NB).to(gl.float32)[:, None]
-        qm = gl.sum(qm, axis=0)
-        scale, inv = _scale_and_inverse(amax, 127.0)
-        inv2 = gl.broadcast(inv[None, :], x0)[0]
-        qk = gl.zeros([PART, COLS], gl.int32, mma)
-        qk = mma_v2(_plane(kb, 0), _round_half_up(x0, inv2).to(gl.int8), qk)
-        qk = mma_v2(_plane(kb, 1), _round_half_up(x1, inv2).to(gl.int8), qk)
-        qk = mma_v2(_plane(kb, 2), _round_half_up(x2, inv2).to(gl.int8), qk)
-        qk = mma_v2(_plane(kb, 3), _round_half_up(x3, inv2).to(gl.int8), qk)
-        s_q = gl.convert_layout(scale * qk_scale, gl.SliceLayout(0, mma))
-        q_m = gl.convert_layout(qm * qk_scale, gl.SliceLayout(0, mma))
+        # every load of the page first: V's bytes and metadata arrive while Q.K^T computes
+        vb = gl.load(
+            vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h
+            + ch_v[:, None] * (PART // 4) + byte_v[None, :]
+        )  # fmt: skip
+        vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
+        s_v = gl.load(vss_ptr + vmeta)
+        m_v = gl.load(vm_ptr + vmeta)
+        mb = bk * skm_b + pg * skm_p + kvh * skm_h + ch_f
+        x = qf * gl.load(kss_ptr + mb).to(gl.float32)[:, None]
+        qm = gl.sum(qf * gl.load(km_ptr + mb).to(gl.float32)[:, None], axis=0)
+        scale, inv = _scale_and_inverse(gl.max(gl.abs(x), axis=0), 127.0)
+        c_q = _round_half_up(x, gl.broadcast(inv[None, :], x)[0]).to(gl.int8)  # [D, HP]
+        if E == 2:
+            c_q = gl.reshape(gl.join(c_q, c_q), (D, COLS))
+        qk = mma_v2(
+            _k_operand(kb, PART, D, opA),
+            gl.convert_layout(c_q, opB),
+            gl.zeros([PART, COLS], gl.int32, mma),
+        )
+        s_q = _per_column(scale * qk_scale, E, gl.SliceLayout(0, mma))
+        q_m = _per_column(qm * qk_scale, E, gl.SliceLayout(0, mma))
         s = qk.to(gl.float32) * s_q[None, :] + q_m[None, :]
 
         # online softmax per column
@@ -178,21 +191,14 @@ def kivi_gluon_decode_kernel(
         # O^T += s_p (V^T codes . c_p^T) + m_v . P, P' = P * s_v[:, e] ~= s_p c_p, c_p in
         # 0..255: the product runs on c_p - 128 (int8) plus twice V^T codes . 64 (a constant
         # operand), which adds back 128 x the page's code sums without reading them
-        vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
-        s_v = gl.load(vss_ptr + vmeta).to(gl.float32)
-        m_v = gl.load(vm_ptr + vmeta).to(gl.float32)
-        xp = p * s_v
+        xp = p * s_v.to(gl.float32)
         s_p, inv_p = _scale_and_inverse(gl.max(xp, axis=0), 255.0)
         c_p = _round_half_up(xp, gl.broadcast(inv_p[None, :], xp)[0]) - 128
-        vb = gl.load(
-            vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h
-            + ch_v[:, None] * (PART // 4) + byte_v[None, :]
-        )  # fmt: skip
         v_a = _v_operand(vb, D, PART, opA)
         pv = mma_v2(v_a, sixty_four, gl.zeros([D, COLS], gl.int32, mma))
         pv = mma_v2(v_a, sixty_four, pv)
         pv = mma_v2(v_a, gl.convert_layout(c_p.to(gl.int8), opB), pv)
-        pm = gl.sum(p * m_v, axis=0)
+        pm = gl.sum(p * m_v.to(gl.float32), axis=0)
         acc = acc * alpha[None, :] + s_p[None, :] * pv.to(gl.float32)
         acc += pm[None, :]
         m_i = m_new
