@@ -1,7 +1,8 @@
 """The Gluon decode kernel (kivi_gluon.py) against the Triton one, on the GPU: checked, timed.
 
     python benchmarks/device_gluon_decode.py --out gluon.json --variants '[[64, 4, 0, 128]]'
-Each variant ([waves, min pages a split, register cap (0: none), most splits]) is first checked
+Each variant ([waves, min pages a split, register cap (0: none), most splits(, programs up to which HOIST)])
+is first checked
 against reference_attention (ragged batch of 3000 / 65 / 700 tokens, 8 kv heads), then timed on
 decode with 32 q / 8 kv heads, d128, at the given shapes, with the tuned Triton kernel and SDPA
 timed in the same run (rows alternate: Triton, then each Gluon variant, `--rounds` times).
@@ -57,11 +58,11 @@ def main() -> None:
     rows = []
     for rnd in range(args.rounds):
         confs = [("triton", {**base, "GLUON": False})]
-        for waves, minp, maxnreg, most in json.loads(args.variants):
+        for waves, minp, maxnreg, most, *hoist in json.loads(args.variants):
             g = {"waves": waves, "min_pages": minp, "maxnreg": maxnreg, "max_splits": most}
-            confs.append(
-                (f"gluon w{waves} m{minp} r{maxnreg} s{most}", {**base, "GLUON": True, "gluon": g})
-            )
+            g["hoist_below"] = hoist[0] if hoist else 0
+            name = f"gluon w{waves} m{minp} r{maxnreg} s{most} h{g['hoist_below']}"
+            confs.append((name, {**base, "GLUON": True, "gluon": g}))
         for name, conf in confs:
             launch.TUNED[key] = conf
             row = {"round": rnd, "kernel": name}

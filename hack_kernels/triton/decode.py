@@ -87,7 +87,7 @@ def decode_attention(
         return run_kivi_gluon_decode(
             q, out, seq_lens, block_tables, c.pages, sinks, opens, kv_heads=h,
             n_sink=c.config.sink_tokens, partition=p, sm_scale=sm_scale, num_splits=splits,
-            maxnreg=params.get("maxnreg"),
+            maxnreg=params.get("maxnreg"), hoist_below=int(params.get("hoist_below", 0)),
         )  # fmt: skip
     if kivi:
         return run_kivi_attention(
@@ -121,6 +121,12 @@ def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None
     # max_pages only sizes the grid: 1 takes the short path, SHORT_DECODE_PAGES + 1 the other
     for max_pages in (1, SHORT_DECODE_PAGES + 1):
         decode_attention(q, cache, max_pages=max_pages)
+    # the Gluon kernel's two variants, which decode_attention picks by grid size
+    gluon = launch_params("decode_kivi", cache.head_dim, cache.config.partition).get("gluon", {})
+    hoist_below = int(gluon.get("hoist_below", 0))
+    if hoist_below:
+        for splits in (1, hoist_below // cache.kv_heads + 1):
+            decode_attention(q, cache, max_pages=SHORT_DECODE_PAGES + 1, num_splits=splits)
     # and both merge block sizes, whatever split counts the tuned parameters gave above
     for parts in (1, COMBINE_SMALL_S + 1):
         part = q.new_zeros((1, q_heads, parts, cache.head_dim), dtype=torch.float32)

@@ -91,6 +91,51 @@ def _v_operand(vb, D: gl.constexpr, PART: gl.constexpr, opA: gl.constexpr):
     return gl.convert_layout(gl.reshape(x, (D, PART)), opA)
 
 
+@gluon.jit
+def _attend_page(
+    kb, vb, s_v, m_v, s_k, m_k, qf, m_i, l_i, acc, sixty_four, qk_scale,
+    D: gl.constexpr, PART: gl.constexpr, COLS: gl.constexpr, E: gl.constexpr,
+    opA: gl.constexpr, opB: gl.constexpr, mma: gl.constexpr,
+):  # fmt: skip
+    """One closed page into the online softmax (m_i, l_i) and O^T (acc) of the 8 columns, from
+    its packed codes (kb, vb) and metadata (s_v, m_v per token; s_k, m_k per channel)."""
+    # S^T = s_q (K codes . c_q^T) + m_k . Q, Q' = Q * s_k rounded per head to int8
+    x = qf * s_k.to(gl.float32)[:, None]
+    qm = gl.sum(qf * m_k.to(gl.float32)[:, None], axis=0)
+    scale, inv = _scale_and_inverse(gl.max(gl.abs(x), axis=0), 127.0)
+    c_q = _round_half_up(x, gl.broadcast(inv[None, :], x)[0]).to(gl.int8)  # [D, heads]
+    if E == 2:
+        c_q = gl.reshape(gl.join(c_q, c_q), (D, COLS))
+    qk = mma_v2(
+        _k_operand(kb, PART, D, opA), gl.convert_layout(c_q, opB),
+        gl.zeros([PART, COLS], gl.int32, mma),
+    )  # fmt: skip
+    s_q = _per_column(scale * qk_scale, E, gl.SliceLayout(0, mma))
+    q_m = _per_column(qm * qk_scale, E, gl.SliceLayout(0, mma))
+    s = qk.to(gl.float32) * s_q[None, :] + q_m[None, :]
+
+    # online softmax per column
+    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - m_new[None, :])
+    l_i = l_i * alpha + gl.sum(p, axis=0)
+
+    # O^T += s_p (V^T codes . c_p^T) + m_v . P, P' = P * s_v[:, e] ~= s_p c_p, c_p in 0..255:
+    # the product runs on c_p - 128 (int8) plus twice V^T codes . 64 (a constant operand),
+    # which adds back 128 x the page's code sums without reading them
+    xp = p * s_v.to(gl.float32)
+    s_p, inv_p = _scale_and_inverse(gl.max(xp, axis=0), 255.0)
+    c_p = _round_half_up(xp, gl.broadcast(inv_p[None, :], xp)[0]) - 128
+    v_a = _v_operand(vb, D, PART, opA)
+    pv = mma_v2(v_a, sixty_four, gl.zeros([D, COLS], gl.int32, mma))
+    pv = mma_v2(v_a, sixty_four, pv)
+    pv = mma_v2(v_a, gl.convert_layout(c_p.to(gl.int8), opB), pv)
+    pm = gl.sum(p * m_v.to(gl.float32), axis=0)
+    acc = acc * alpha[None, :] + s_p[None, :] * pv.to(gl.float32)
+    acc += pm[None, :]
+    return m_new, l_i, acc
+
+
 # split counts and block-table widths vary per batch: never specialized on (no compile on
 # the hot path after warm-up)
 @gluon.jit(do_not_specialize=["NPART", "NSPLIT", "sbt_b"])
@@ -104,6 +149,7 @@ def kivi_gluon_decode_kernel(
     vm_ptr, vss_ptr, svm_b, svm_p, svm_h,
     NSINK, NSPLIT, KVH, qk_scale,
     D: gl.constexpr, PART: gl.constexpr, G: gl.constexpr, E: gl.constexpr,
+    HOIST: gl.constexpr,
 ):  # fmt: skip
     NB: gl.constexpr = D // 4  # bytes of a K row; plane j holds channels j * NB ..
     COLS: gl.constexpr = 8
@@ -147,61 +193,47 @@ def kivi_gluon_decode_kernel(
     acc = gl.zeros([D, COLS], gl.float32, mma)
     sixty_four = gl.full([PART, COLS], 64, gl.int8, opB)
 
-    # split k takes pages k, k + NSPLIT, ...; the next page's id is read one page ahead
+    # split k takes pages k, k + NSPLIT, ...; the next page's id is read one page ahead, and
+    # every load of a page is issued before its Q.K^T (V arrives while it computes).
+    # HOIST keeps each lane's 64-bit row addresses in registers across pages (fewer
+    # instructions a page, about 70 more registers: faster when programs are few, as at batch
+    # 1; slower when occupancy matters)
+    k_rows = kc_ptr + bk * skc_b + kvh * skc_h + tok_a[:, None] * NB + byte_a[None, :]
+    v_rows = vc_ptr + bk * svc_b + kvh * svc_h + ch_v[:, None] * (PART // 4) + byte_v[None, :]
+    vm_off = bk * svm_b + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
+    km_off = bk * skm_b + kvh * skm_h + ch_f
+    sv_rows, mv_rows = vss_ptr + vm_off, vm_ptr + vm_off
+    sk_rows, mk_rows = kss_ptr + km_off, km_ptr + km_off
     pg_next = gl.load(bt_ptr + b * sbt_b + split, mask=split < n_pages, other=0)
     for j in range(split, n_pages, NSPLIT):
         pg = pg_next.to(gl.int64)
         pg_next = gl.load(bt_ptr + b * sbt_b + j + NSPLIT, mask=j + NSPLIT < n_pages, other=0)
-
-        # S^T = s_q (K codes . c_q^T) + m_k . Q, Q' = Q * s_k rounded per column to int8
-        kb = gl.load(
-            kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h
-            + tok_a[:, None] * NB + byte_a[None, :]
+        if HOIST:
+            kb = gl.load(k_rows + pg * skc_p)
+            vb = gl.load(v_rows + pg * svc_p)
+            s_v = gl.load(sv_rows + pg * svm_p)
+            m_v = gl.load(mv_rows + pg * svm_p)
+            s_k = gl.load(sk_rows + pg * skm_p)
+            m_k = gl.load(mk_rows + pg * skm_p)
+        else:
+            kb = gl.load(
+                kc_ptr + bk * skc_b + pg * skc_p + kvh * skc_h
+                + tok_a[:, None] * NB + byte_a[None, :]
+            )  # fmt: skip
+            vb = gl.load(
+                vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h
+                + ch_v[:, None] * (PART // 4) + byte_v[None, :]
+            )  # fmt: skip
+            vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
+            kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + ch_f
+            s_v = gl.load(vss_ptr + vmeta)
+            m_v = gl.load(vm_ptr + vmeta)
+            s_k = gl.load(kss_ptr + kmeta)
+            m_k = gl.load(km_ptr + kmeta)
+        m_i, l_i, acc = _attend_page(
+            kb, vb, s_v, m_v, s_k, m_k, qf, m_i, l_i, acc, sixty_four, qk_scale,
+            D, PART, COLS, E, opA, opB, mma,
         )  # fmt: skip
-        # every load of the page first: V's bytes and metadata arrive while Q.K^T computes
-        vb = gl.load(
-            vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h
-            + ch_v[:, None] * (PART // 4) + byte_v[None, :]
-        )  # fmt: skip
-        vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
-        s_v = gl.load(vss_ptr + vmeta)
-        m_v = gl.load(vm_ptr + vmeta)
-        mb = bk * skm_b + pg * skm_p + kvh * skm_h + ch_f
-        x = qf * gl.load(kss_ptr + mb).to(gl.float32)[:, None]
-        qm = gl.sum(qf * gl.load(km_ptr + mb).to(gl.float32)[:, None], axis=0)
-        scale, inv = _scale_and_inverse(gl.max(gl.abs(x), axis=0), 127.0)
-        c_q = _round_half_up(x, gl.broadcast(inv[None, :], x)[0]).to(gl.int8)  # [D, HP]
-        if E == 2:
-            c_q = gl.reshape(gl.join(c_q, c_q), (D, COLS))
-        qk = mma_v2(
-            _k_operand(kb, PART, D, opA),
-            gl.convert_layout(c_q, opB),
-            gl.zeros([PART, COLS], gl.int32, mma),
-        )
-        s_q = _per_column(scale * qk_scale, E, gl.SliceLayout(0, mma))
-        q_m = _per_column(qm * qk_scale, E, gl.SliceLayout(0, mma))
-        s = qk.to(gl.float32) * s_q[None, :] + q_m[None, :]
-
-        # online softmax per column
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + gl.sum(p, axis=0)
-
-        # O^T += s_p (V^T codes . c_p^T) + m_v . P, P' = P * s_v[:, e] ~= s_p c_p, c_p in
-        # 0..255: the product runs on c_p - 128 (int8) plus twice V^T codes . 64 (a constant
-        # operand), which adds back 128 x the page's code sums without reading them
-        xp = p * s_v.to(gl.float32)
-        s_p, inv_p = _scale_and_inverse(gl.max(xp, axis=0), 255.0)
-        c_p = _round_half_up(xp, gl.broadcast(inv_p[None, :], xp)[0]) - 128
-        v_a = _v_operand(vb, D, PART, opA)
-        pv = mma_v2(v_a, sixty_four, gl.zeros([D, COLS], gl.int32, mma))
-        pv = mma_v2(v_a, sixty_four, pv)
-        pv = mma_v2(v_a, gl.convert_layout(c_p.to(gl.int8), opB), pv)
-        pm = gl.sum(p * m_v.to(gl.float32), axis=0)
-        acc = acc * alpha[None, :] + s_p[None, :] * pv.to(gl.float32)
-        acc += pm[None, :]
-        m_i = m_new
 
     # column (h, e) writes head h's channels of group e; e == 0 writes m and l
     h_c = kvh * G + n_c // E

@@ -48,10 +48,13 @@ def run_kivi_gluon_decode(
     sm_scale: float | None,
     num_splits: int,
     maxnreg: int | None = None,
+    hoist_below: int = 0,
 ) -> torch.Tensor:
     """Decode of q [B, Hq, 1, D] over the cache's kivi pages (physical page ids from
     block_tables [B, pages], lengths seq_lens [B]); sinks / opens = (k, v, s_batch, s_head,
-    s_token) of the 16-bit tokens. num_splits partials of closed pages plus one of 16-bit ones."""
+    s_token) of the 16-bit tokens. num_splits partials of closed pages plus one of 16-bit ones.
+    Grids of at most hoist_below programs run the kernel's HOIST variant (row addresses kept in
+    registers: fewer instructions, lower occupancy)."""
     from .kivi_gluon import kivi_gluon_decode_kernel
 
     b, hq, _, d = q.shape
@@ -88,7 +91,7 @@ def run_kivi_gluon_decode(
             vc, _bstride(vc, b), vc.stride(1), vc.stride(2),
             vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2),
             n_sink, num_splits, kv_heads, scale,
-            D=d, PART=partition, G=g, E=e, **launch,
+            D=d, PART=partition, G=g, E=e, HOIST=b * kv_heads * num_splits <= hoist_below, **launch,
         )  # fmt: skip
         LAST_COMPILED[("decode_kivi_gluon", d, partition)] = compiled
     combine_splits(part, ml, out)

@@ -17,7 +17,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from hack_kernels.triton.kivi_gluon import kivi_gluon_decode_kernel as kernel
 
-CONSTS = {"D": 128, "PART": 64, "G": 4, "E": 2}
+CONSTS = {"D": 128, "PART": 64, "G": 4, "E": 2, "HOIST": False}
 PTRS = {"q_ptr": "*fp16", "part_ptr": "*fp32", "ml_ptr": "*fp32", "seq_ptr": "*i32",
         "bt_ptr": "*i32", "kc_ptr": "*u8", "km_ptr": "*fp16", "kss_ptr": "*fp16",
         "vc_ptr": "*u8", "vm_ptr": "*fp16", "vss_ptr": "*fp16"}  # fmt: skip

@@ -38,14 +38,17 @@ GLUON_CASES = [
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Gluon kernels run on NVIDIA GPUs only")
+@pytest.mark.parametrize("hoist", [False, True])
 @pytest.mark.parametrize("case", GLUON_CASES)
-def test_gluon_decode_matches_reference(case, monkeypatch):
+def test_gluon_decode_matches_reference(case, hoist, monkeypatch):
     from hack_kernels.triton.kivi_gluon_launch import gluon_decode_available
 
     assert gluon_decode_available()
     monkeypatch.setattr(decode_module, "SHORT_DECODE_PAGES", -1)  # every batch the long path
     key = ("decode_kivi", 128, 64)
-    monkeypatch.setitem(launch.TUNED, key, {**launch.TUNED.get(key, {}), "GLUON": True})
+    conf = {**launch.TUNED.get(key, {}), "GLUON": True}
+    conf["gluon"] = {**conf.get("gluon", {}), "hoist_below": 10**9 if hoist else 0}  # the variant
+    monkeypatch.setitem(launch.TUNED, key, conf)
     launch.LAST_COMPILED.pop(("decode_kivi_gluon", 128, 64), None)
     sinks, lens, hq, hk, dtype = case
     gen = torch.Generator().manual_seed(sum(lens) + hq)
