@@ -4,7 +4,7 @@
 Each variant ([waves, min pages a split, register cap (0: none), most splits(, programs up to which HOIST)])
 is first checked
 against reference_attention (ragged batch of 3000 / 65 / 700 tokens, 8 kv heads), then timed on
-decode with 32 q / 8 kv heads, d128, at the given shapes, with the tuned Triton kernel and SDPA
+decode with 32 q / 8 kv heads (--head-dim 128 or 64, --bits 2 or 4) at the given shapes, with the tuned Triton kernel and SDPA
 timed in the same run (rows alternate: Triton, then each Gluon variant, `--rounds` times).
 """
 
@@ -24,8 +24,10 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from device_kivi_variants import CFG, _histogram, _sass, case, rel_err  # noqa: E402
+import device_kivi_variants  # noqa: E402
+from device_kivi_variants import _histogram, _sass, case, rel_err  # noqa: E402
 
+from hack_kernels import HackConfig  # noqa: E402
 from hack_kernels.triton import launch  # noqa: E402
 from hack_kernels.triton.decode import decode_attention  # noqa: E402
 
@@ -49,8 +51,12 @@ def main() -> None:
     ap.add_argument("--variants", default="[[64, 4, 0, 128]]")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--commit", default="")
+    ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
+    ap.add_argument("--bits", type=int, default=2, choices=[2, 4])
     args = ap.parse_args()
-    d = 128
+    d = args.head_dim
+    cfg = HackConfig(layout="kivi", bits=args.bits)
+    device_kivi_variants.CFG = cfg  # the pages case() builds
     pairs = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     shapes = {(b, c): case(b, c, d) for b, c in pairs}
     key = ("decode_kivi", d, 64)
@@ -67,7 +73,7 @@ def main() -> None:
             launch.TUNED[key] = conf
             row = {"round": rnd, "kernel": name}
             try:
-                row["rel_err"] = rel_err(CFG, d)
+                row["rel_err"] = rel_err(cfg, d)
                 row.update(_time(shapes))
                 ck = launch.LAST_COMPILED.get(
                     ("decode_kivi_gluon" if "gluon" in name else "decode_kivi", d, 64)
@@ -93,6 +99,8 @@ def main() -> None:
         ).stdout.strip(),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "head_dim": d,
+        "bits": args.bits,
     }
     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
 

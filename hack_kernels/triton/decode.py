@@ -86,7 +86,8 @@ def decode_attention(
     if gluon:
         return run_kivi_gluon_decode(
             q, out, seq_lens, block_tables, c.pages, sinks, opens, kv_heads=h,
-            n_sink=c.config.sink_tokens, partition=p, sm_scale=sm_scale, num_splits=splits,
+            n_sink=c.config.sink_tokens, partition=p, bits=c.config.bits, sm_scale=sm_scale,
+            num_splits=splits,
             maxnreg=params.get("maxnreg"), hoist_below=int(params.get("hoist_below", 0)),
         )  # fmt: skip
     if kivi:

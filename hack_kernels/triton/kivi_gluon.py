@@ -11,14 +11,16 @@ Column n is (q head h = n // E, V channel group e = n % E): a lane's two columns
 groups, whose V scales and mins sit side by side (one 32-bit load per token). Score tiles are [64, 8] per page
 instead of [16, 128] per two pages, and every code operand comes straight from the packed bytes
 in the register layout the tensor cores read:
-- K (token rows, planar along D): the bytes 4t..4t+3 and 16+4t..16+4t+3 a lane loads are the A
-  fragment of every D-plane (channels 32j..32j+31) after one shift and mask.
-- V (channel rows, planar along tokens, 16 tokens a plane): one 32-bit word per channel row holds
-  all four planes; planes 2c and 2c+1 are the two k-halves of token chunk c.
+- a row of n codes is planar-packed (byte i holds elements i, i + n/per, ...), so plane j of
+  the bytes a lane loads holds elements j * n/per + those bytes: loaded in the right layout
+  (bytes 4t..4t+3 and 16+4t.. of the A fragment), the planes joined along the row are the
+  operand, after one shift and mask per 32-bit word and no data movement. K rows run along D,
+  V rows (channels) along the page's tokens.
 Only P' changes layout (C fragment -> B operand, 512 bytes a page through shared memory), and
-Q's per-page scale (8 values). The math is kivi_kernel's (bit-exact rounding of Q' and P'); the
-16-bit sinks and open page are a separate partial (kivi_open_kernel.py).
-Supported shape class: 2-bit codes, head_dim 128, partition 64, G * ceil(D / 64) <= 8.
+Q' (folded once per head, then copied to the head's columns). The math is kivi_kernel's
+(bit-exact rounding of Q' and P'); the 16-bit sinks and open page are a separate partial
+(open_partial.py).
+Supported shape class: 2- and 4-bit codes, head_dim 64 and 128, partition 64, G * D / 64 <= 8.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 
 @gluon.jit
-def _plane(packed, J: gl.constexpr):
-    """int8 codes of 2-bit plane J of packed bytes, four per 32-bit shift-and-mask."""
-    if J == 0:
+def _plane(packed, J: gl.constexpr, BITS: gl.constexpr):
+    """int8 codes of plane J of packed bytes, four per 32-bit shift-and-mask."""
+    if BITS == 4:
+        if J == 0:
+            asm: gl.constexpr = "and.b32 $0, $1, 0x0F0F0F0F;"
+        else:
+            asm: gl.constexpr = "shr.b32 $0, $1, 4; and.b32 $0, $0, 0x0F0F0F0F;"
+    elif J == 0:
         asm: gl.constexpr = "and.b32 $0, $1, 0x03030303;"
     elif J == 1:
         asm: gl.constexpr = "shr.b32 $0, $1, 2; and.b32 $0, $0, 0x03030303;"
@@ -40,6 +47,23 @@ def _plane(packed, J: gl.constexpr):
     else:
         asm: gl.constexpr = "shr.b32 $0, $1, 6; and.b32 $0, $0, 0x03030303;"
     return gl.inline_asm_elementwise(asm, "=r,r", [packed], dtype=gl.int8, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _row_operand(packed, BITS: gl.constexpr, opA: gl.constexpr):
+    """int8 codes [R, NB * per] as the A operand from planar-packed bytes [R, NB]: the planes
+    joined along the row, so that column j * NB + i holds plane j of byte i."""
+    R: gl.constexpr = packed.shape[0]
+    NB: gl.constexpr = packed.shape[1]
+    if BITS == 4:
+        x = gl.permute(gl.join(_plane(packed, 0, 4), _plane(packed, 1, 4)), (0, 2, 1))
+        x = gl.reshape(x, (R, 2 * NB))
+    else:
+        a = gl.join(_plane(packed, 0, 2), _plane(packed, 1, 2))
+        b = gl.join(_plane(packed, 2, 2), _plane(packed, 3, 2))
+        x = gl.permute(gl.join(a, b), (0, 3, 2, 1))  # [R, plane // 2, plane % 2, byte]
+        x = gl.reshape(x, (R, 4 * NB))
+    return gl.convert_layout(x, opA)
 
 
 @gluon.jit
@@ -63,16 +87,6 @@ def _scale_and_inverse(amax, TOP: gl.constexpr):
 
 
 @gluon.jit
-def _k_operand(kb, PART: gl.constexpr, D: gl.constexpr, opA: gl.constexpr):
-    """K codes [PART, D] as the A operand from packed bytes kb [PART, D / 4] (byte i of a
-    token row: channels i, i + D/4, i + D/2, i + 3D/4): the four planes joined along D."""
-    a = gl.join(_plane(kb, 0), _plane(kb, 1))
-    b = gl.join(_plane(kb, 2), _plane(kb, 3))
-    x = gl.permute(gl.join(a, b), (0, 3, 2, 1))  # [PART, plane // 2, plane % 2, byte]
-    return gl.convert_layout(gl.reshape(x, (PART, D)), opA)
-
-
-@gluon.jit
 def _per_column(x, E: gl.constexpr, layout: gl.constexpr):
     """[heads] -> [heads * E] (column h * E + e holds x[h]) in `layout`."""
     if E == 2:
@@ -81,21 +95,10 @@ def _per_column(x, E: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _v_operand(vb, D: gl.constexpr, PART: gl.constexpr, opA: gl.constexpr):
-    """V^T codes [D, PART] as the A operand from packed bytes vb [D, PART / 4] (byte i of a
-    channel row: tokens i, i + 16, i + 32, i + 48): the four planes joined along tokens."""
-    a = gl.join(_plane(vb, 0), _plane(vb, 1))  # [D, 16, 2]: plane 2c + half
-    b = gl.join(_plane(vb, 2), _plane(vb, 3))
-    x = gl.join(a, b)  # [D, 16, 2 (half), 2 (chunk)]
-    x = gl.permute(x, (0, 3, 2, 1))  # [D, chunk, half, byte]: token = 32 chunk + 16 half + byte
-    return gl.convert_layout(gl.reshape(x, (D, PART)), opA)
-
-
-@gluon.jit
 def _attend_page(
     kb, vb, s_v, m_v, s_k, m_k, qf, m_i, l_i, acc, sixty_four, qk_scale,
     D: gl.constexpr, PART: gl.constexpr, COLS: gl.constexpr, E: gl.constexpr,
-    opA: gl.constexpr, opB: gl.constexpr, mma: gl.constexpr,
+    BITS: gl.constexpr, opA: gl.constexpr, opB: gl.constexpr, mma: gl.constexpr,
 ):  # fmt: skip
     """One closed page into the online softmax (m_i, l_i) and O^T (acc) of the 8 columns, from
     its packed codes (kb, vb) and metadata (s_v, m_v per token; s_k, m_k per channel)."""
@@ -107,7 +110,7 @@ def _attend_page(
     if E == 2:
         c_q = gl.reshape(gl.join(c_q, c_q), (D, COLS))
     qk = mma_v2(
-        _k_operand(kb, PART, D, opA), gl.convert_layout(c_q, opB),
+        _row_operand(kb, BITS, opA), gl.convert_layout(c_q, opB),
         gl.zeros([PART, COLS], gl.int32, mma),
     )  # fmt: skip
     s_q = _per_column(scale * qk_scale, E, gl.SliceLayout(0, mma))
@@ -126,7 +129,7 @@ def _attend_page(
     xp = p * s_v.to(gl.float32)
     s_p, inv_p = _scale_and_inverse(gl.max(xp, axis=0), 255.0)
     c_p = _round_half_up(xp, gl.broadcast(inv_p[None, :], xp)[0]) - 128
-    v_a = _v_operand(vb, D, PART, opA)
+    v_a = _row_operand(vb, BITS, opA)
     pv = mma_v2(v_a, sixty_four, gl.zeros([D, COLS], gl.int32, mma))
     pv = mma_v2(v_a, sixty_four, pv)
     pv = mma_v2(v_a, gl.convert_layout(c_p.to(gl.int8), opB), pv)
@@ -149,9 +152,10 @@ def kivi_gluon_decode_kernel(
     vm_ptr, vss_ptr, svm_b, svm_p, svm_h,
     NSINK, NSPLIT, KVH, qk_scale,
     D: gl.constexpr, PART: gl.constexpr, G: gl.constexpr, E: gl.constexpr,
-    HOIST: gl.constexpr,
+    BITS: gl.constexpr, HOIST: gl.constexpr,
 ):  # fmt: skip
-    NB: gl.constexpr = D // 4  # bytes of a K row; plane j holds channels j * NB ..
+    NB: gl.constexpr = D * BITS // 8  # bytes of a K row; plane j holds channels j * NB ..
+    NBV: gl.constexpr = PART * BITS // 8  # bytes of a V row (channel)
     COLS: gl.constexpr = 8
     W: gl.constexpr = D // E  # channels of a V group
     mma: gl.constexpr = gl.NVMMADistributedLayout(
@@ -159,7 +163,16 @@ def kivi_gluon_decode_kernel(
     )
     opA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
     opB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
-    vbl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [1, 1], [1, 0])
+    # packed rows load in the layout _row_operand needs no data movement from: a lane holds
+    # bytes 4t..4t+3 and 16+4t..16+4t+3 as an A fragment does (rows of 16 bytes: 4t..4t+3)
+    if NB >= 32:
+        kl: gl.constexpr = opA
+    else:
+        kl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [1, 1], [1, 0])
+    if NBV >= 32:
+        vl: gl.constexpr = opA
+    else:
+        vl: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [1, 1], [1, 0])
 
     b = gl.program_id(0) // KVH
     kvh = gl.program_id(0) % KVH
@@ -177,12 +190,12 @@ def kivi_gluon_decode_kernel(
     qf = qf.to(gl.float32)
     n_c = gl.arange(0, COLS, layout=gl.SliceLayout(0, mma))
 
-    tok_a = gl.arange(0, PART, layout=gl.SliceLayout(1, opA))  # K rows: tokens
-    byte_a = gl.arange(0, NB, layout=gl.SliceLayout(0, opA))
+    tok_a = gl.arange(0, PART, layout=gl.SliceLayout(1, kl))  # K rows: tokens
+    byte_a = gl.arange(0, NB, layout=gl.SliceLayout(0, kl))
     tok_c = gl.arange(0, PART, layout=gl.SliceLayout(1, mma))
     e_c = n_c % E
-    ch_v = gl.arange(0, D, layout=gl.SliceLayout(1, vbl))
-    byte_v = gl.arange(0, PART // 4, layout=gl.SliceLayout(0, vbl))
+    ch_v = gl.arange(0, D, layout=gl.SliceLayout(1, vl))
+    byte_v = gl.arange(0, NBV, layout=gl.SliceLayout(0, vl))
     ch_c = gl.arange(0, D, layout=gl.SliceLayout(1, mma))  # output rows: channels
 
     T = gl.load(seq_ptr + b)
@@ -199,7 +212,7 @@ def kivi_gluon_decode_kernel(
     # instructions a page, about 70 more registers: faster when programs are few, as at batch
     # 1; slower when occupancy matters)
     k_rows = kc_ptr + bk * skc_b + kvh * skc_h + tok_a[:, None] * NB + byte_a[None, :]
-    v_rows = vc_ptr + bk * svc_b + kvh * svc_h + ch_v[:, None] * (PART // 4) + byte_v[None, :]
+    v_rows = vc_ptr + bk * svc_b + kvh * svc_h + ch_v[:, None] * NBV + byte_v[None, :]
     vm_off = bk * svm_b + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
     km_off = bk * skm_b + kvh * skm_h + ch_f
     sv_rows, mv_rows = vss_ptr + vm_off, vm_ptr + vm_off
@@ -222,7 +235,7 @@ def kivi_gluon_decode_kernel(
             )  # fmt: skip
             vb = gl.load(
                 vc_ptr + bk * svc_b + pg * svc_p + kvh * svc_h
-                + ch_v[:, None] * (PART // 4) + byte_v[None, :]
+                + ch_v[:, None] * NBV + byte_v[None, :]
             )  # fmt: skip
             vmeta = bk * svm_b + pg * svm_p + kvh * svm_h + tok_c[:, None] * E + e_c[None, :]
             kmeta = bk * skm_b + pg * skm_p + kvh * skm_h + ch_f
@@ -232,7 +245,7 @@ def kivi_gluon_decode_kernel(
             m_k = gl.load(km_ptr + kmeta)
         m_i, l_i, acc = _attend_page(
             kb, vb, s_v, m_v, s_k, m_k, qf, m_i, l_i, acc, sixty_four, qk_scale,
-            D, PART, COLS, E, opA, opB, mma,
+            D, PART, COLS, E, BITS, opA, opB, mma,
         )  # fmt: skip
 
     # column (h, e) writes head h's channels of group e; e == 0 writes m and l

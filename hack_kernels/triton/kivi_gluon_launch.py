@@ -29,8 +29,11 @@ def gluon_decode_available() -> bool:
 
 
 def gluon_decode_supports(head_dim: int, partition: int, bits: int, group: int) -> bool:
-    """The shape class kivi_gluon_decode_kernel is written for."""
-    return head_dim == 128 and partition == 64 and bits == 2 and group * head_dim // 64 <= 8
+    """The shape class kivi_gluon_decode_kernel is written for: partition 64 (V planes of 16 or
+    32 tokens), n = 8 columns for G heads x head_dim / 64 channel groups."""
+    return (
+        head_dim in (64, 128) and partition == 64 and bits in (2, 4) and group * head_dim // 64 <= 8
+    )
 
 
 def run_kivi_gluon_decode(
@@ -45,6 +48,7 @@ def run_kivi_gluon_decode(
     kv_heads: int,
     n_sink: int,
     partition: int,
+    bits: int,
     sm_scale: float | None,
     num_splits: int,
     maxnreg: int | None = None,
@@ -91,7 +95,7 @@ def run_kivi_gluon_decode(
             vc, _bstride(vc, b), vc.stride(1), vc.stride(2),
             vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2),
             n_sink, num_splits, kv_heads, scale,
-            D=d, PART=partition, G=g, E=e, HOIST=b * kv_heads * num_splits <= hoist_below, **launch,
+            D=d, PART=partition, G=g, E=e, BITS=bits, HOIST=b * kv_heads * num_splits <= hoist_below, **launch,
         )  # fmt: skip
         LAST_COMPILED[("decode_kivi_gluon", d, partition)] = compiled
     combine_splits(part, ml, out)

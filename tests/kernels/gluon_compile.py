@@ -1,6 +1,6 @@
 """Compile kivi_gluon_decode_kernel for the H100 (sm_90) without a GPU; writes the cubin.
 
-    python -m tests.kernels.gluon_compile OUT.cubin
+    python -m tests.kernels.gluon_compile OUT.cubin [HEAD_DIM BITS]
 Arguments are typed and aligned as a launch on the paged cache specializes them (pointers and
 strides divisible by 16; split counts and block-table widths not specialized).
 """
@@ -17,17 +17,18 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from hack_kernels.triton.kivi_gluon import kivi_gluon_decode_kernel as kernel
 
-CONSTS = {"D": 128, "PART": 64, "G": 4, "E": 2, "HOIST": False}
+CONSTS = {"D": 128, "PART": 64, "G": 4, "E": 2, "BITS": 2, "HOIST": False}
 PTRS = {"q_ptr": "*fp16", "part_ptr": "*fp32", "ml_ptr": "*fp32", "seq_ptr": "*i32",
         "bt_ptr": "*i32", "kc_ptr": "*u8", "km_ptr": "*fp16", "kss_ptr": "*fp16",
         "vc_ptr": "*u8", "vm_ptr": "*fp16", "vss_ptr": "*fp16"}  # fmt: skip
 UNSPECIALIZED = {"NSINK", "NSPLIT", "KVH", "NPART", "sbt_b"}
 
 
-def main(out: str) -> None:
+def main(out: str, head_dim: int = 128, bits: int = 2) -> None:
+    consts = {**CONSTS, "D": head_dim, "E": head_dim // 64, "BITS": bits}
     sig, aligned = {}, []
     for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        if name in CONSTS:
+        if name in consts:
             sig[name] = "constexpr"
         elif name == "qk_scale":
             sig[name] = "fp32"
@@ -36,7 +37,7 @@ def main(out: str) -> None:
             if name not in UNSPECIALIZED:
                 aligned.append(i)
     src = GluonASTSource(
-        fn=kernel, signature=sig, constexprs=CONSTS,
+        fn=kernel, signature=sig, constexprs=consts,
         attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
     )  # fmt: skip
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
@@ -44,4 +45,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))

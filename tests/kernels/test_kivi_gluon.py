@@ -2,7 +2,7 @@
 
 On a GPU: decode through the Gluon path against reference_attention of the same quantization
 (relative error <= 1e-3, NaN-poisoned outputs), ragged batches around page boundaries, GQA
-groups 1, 2 and 4, sinks, fp16 and bf16. On the CPU, where Gluon cannot run (no interpreter):
+groups 1, 2, 4 and 8, head_dim 64 and 128, 2 and 4 bits, sinks, fp16 and bf16. On the CPU, where Gluon cannot run (no interpreter):
 the 16-bit partial against float64 attention under the interpreter.
 """
 
@@ -29,11 +29,14 @@ def _kv(gen, b, h, t, d, dtype):
 
 
 GLUON_CASES = [
-    # (sinks, prompt lengths, q_heads, kv_heads, dtype); + 3 appends each
-    (0, [1, 61, 62, 190], 8, 2, torch.float16),  # 61 + 3 closes a page during append
-    (4, [3, 67, 129, 250], 8, 2, torch.bfloat16),  # fewer tokens than sinks; 64 + 4 sinks +- 1
-    (0, [300, 5], 4, 2, torch.float16),  # G = 2 (columns half padding)
-    (2, [200, 100], 2, 2, torch.float16),  # G = 1
+    # (head_dim, bits, sinks, prompt lengths, q_heads, kv_heads, dtype); + 3 appends each
+    (128, 2, 0, [1, 61, 62, 190], 8, 2, torch.float16),  # 61 + 3 closes a page during append
+    (128, 2, 4, [3, 67, 129, 250], 8, 2, torch.bfloat16),  # fewer tokens than sinks; 64+4 +- 1
+    (128, 2, 0, [300, 5], 4, 2, torch.float16),  # G = 2 (columns half padding)
+    (128, 2, 2, [200, 100], 2, 2, torch.float16),  # G = 1
+    (128, 4, 0, [1, 130, 253], 8, 2, torch.float16),  # 4-bit: K planes of 64 channels
+    (64, 2, 0, [2, 64, 190], 8, 2, torch.float16),  # d64: one channel group, 16-channel planes
+    (64, 4, 3, [70, 131], 16, 2, torch.bfloat16),  # d64 4-bit, G = 8 (every column a head)
 ]
 
 
@@ -45,17 +48,17 @@ def test_gluon_decode_matches_reference(case, hoist, monkeypatch):
 
     assert gluon_decode_available()
     monkeypatch.setattr(decode_module, "SHORT_DECODE_PAGES", -1)  # every batch the long path
-    key = ("decode_kivi", 128, 64)
+    d, bits, sinks, lens, hq, hk, dtype = case
+    key = ("decode_kivi", d, 64)
     conf = {**launch.TUNED.get(key, {}), "GLUON": True}
     conf["gluon"] = {**conf.get("gluon", {}), "hoist_below": 10**9 if hoist else 0}  # the variant
     monkeypatch.setitem(launch.TUNED, key, conf)
-    launch.LAST_COMPILED.pop(("decode_kivi_gluon", 128, 64), None)
-    sinks, lens, hq, hk, dtype = case
-    gen = torch.Generator().manual_seed(sum(lens) + hq)
-    cfg = HackConfig(bits=2, partition=64, sink_tokens=sinks, layout="kivi")
-    cache, qkvs = filled_cache(cfg, lens, hk, 128, dtype, _kv, gen)
-    assert_decode_matches(cache, qkvs, torch.randn(len(lens), hq, 1, 128, generator=gen).to(dtype))
-    assert ("decode_kivi_gluon", 128, 64) in launch.LAST_COMPILED  # the Gluon path ran
+    launch.LAST_COMPILED.pop(("decode_kivi_gluon", d, 64), None)
+    gen = torch.Generator().manual_seed(sum(lens) + hq + bits)
+    cfg = HackConfig(bits=bits, partition=64, sink_tokens=sinks, layout="kivi")
+    cache, qkvs = filled_cache(cfg, lens, hk, d, dtype, _kv, gen)
+    assert_decode_matches(cache, qkvs, torch.randn(len(lens), hq, 1, d, generator=gen).to(dtype))
+    assert ("decode_kivi_gluon", d, 64) in launch.LAST_COMPILED  # the Gluon path ran
 
 
 def _attend64(q, k, v, scale):
