@@ -1,7 +1,7 @@
 """The Gluon decode kernel (kivi_gluon.py) against the Triton one, on the GPU: checked, timed.
 
     python benchmarks/device_gluon_decode.py --out gluon.json --variants '[[64, 4, 0, 128]]'
-Each variant ([waves, min pages a split, register cap (0: none), most splits(, programs up to which HOIST)])
+Each variant ([waves, min pages a split, register cap (0: none), most splits(, programs up to which HOIST(, 1: also the short path))])
 is first checked
 against reference_attention (ragged batch of 3000 / 65 / 700 tokens, 8 kv heads), then timed on
 decode with 32 q / 8 kv heads (--head-dim 128 or 64, --bits 2 or 4) at the given shapes, with the tuned Triton kernel and SDPA
@@ -64,10 +64,12 @@ def main() -> None:
     rows = []
     for rnd in range(args.rounds):
         confs = [("triton", {**base, "GLUON": False})]
-        for waves, minp, maxnreg, most, *hoist in json.loads(args.variants):
+        for waves, minp, maxnreg, most, *more in json.loads(args.variants):
             g = {"waves": waves, "min_pages": minp, "maxnreg": maxnreg, "max_splits": most}
-            g["hoist_below"] = hoist[0] if hoist else 0
+            g["hoist_below"] = more[0] if more else 0
+            g["short"] = bool(more[1]) if len(more) > 1 else False
             name = f"gluon w{waves} m{minp} r{maxnreg} s{most} h{g['hoist_below']}"
+            name += " short" if g["short"] else ""
             confs.append((name, {**base, "GLUON": True, "gluon": g}))
         for name, conf in confs:
             launch.TUNED[key] = conf

@@ -60,11 +60,11 @@ def decode_attention(
     # few pages in all (batch 1 up to 4K on the H100): one page a program and a split, so the
     # latency of one page rather than of two bounds the launch (attention_notes.md, version 18)
     short = kivi and b * h * max_pages <= SHORT_DECODE_PAGES
-    # long contexts of the shape class it is written for: the Gluon kernel (one warp, n = 8
-    # tensor-core columns), where the tuned table enables it
+    # the shape class it is written for: the Gluon kernel (one warp, n = 8 tensor-core
+    # columns), where the tuned table enables it (for short contexts too if it says so)
     gluon = (
         kivi
-        and not short
+        and (not short or bool(params.get("gluon", {}).get("short", False)))
         and bool(params.get("GLUON", False))
         and gluon_decode_supports(d, p, cache.config.bits, hq // h)
         and q.is_cuda
