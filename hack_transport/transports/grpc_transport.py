@@ -254,10 +254,11 @@ def _payload_at(frame: list[memoryview]) -> int | None:
 def _chunks(
     first: pb.TransferChunk, frames: Sequence[Sequence[Buffer]], size: int, whole: int = 0
 ) -> Iterator[bytes]:
-    """The stream's serialized messages, one copy of the frame bytes. Frames of at most `whole`
-    bytes go whole, one message for as many consecutive frames as stay under `whole` and
-    reach `size`, the first frame's payload aligned (encode_chunk's pad) for the receiver to
-    keep as is; larger frames (all with whole=0) in chunks of `size` that run across frames."""
+    """The stream's serialized messages, one copy of the frame bytes. A frame of `size` to
+    `whole` bytes is a message of its own, smaller ones share one until it reaches `size`
+    (staying under `whole`); the first frame's payload is aligned (encode_chunk's pad) for the
+    receiver to keep as is. Larger frames (all with whole=0) go in chunks of `size` that run
+    across frames."""
     pieces: list[memoryview] = []
     total, head, align_at, grouped, sent = 0, first, None, False, False
 
@@ -271,8 +272,8 @@ def _chunks(
         bufs = [memoryview(buf).cast("B") for buf in frame]
         n = sum(len(b) for b in bufs)
         if n <= whole:
-            if pieces and (not grouped or total + n > whole):
-                yield flush()
+            if pieces and (not grouped or total + n > whole or n >= size):
+                yield flush()  # a frame of `size` or more starts a message: its payload aligned
             if not pieces:
                 grouped, align_at = True, _payload_at(bufs)
             pieces += bufs

@@ -160,3 +160,33 @@ def test_grpc_keeps_whole_frame_messages_and_copies_chunked_ones(big, whole):
     views, copies = (3, 0) if whole else (0, 3)
     assert (rcv.payload_views, rcv.payload_copies) == (views, copies)
     assert all(_same(kv, b) for kv, b in zip(kvs, rcv.received["r"], strict=True))
+
+
+def test_messages_carry_the_frames_in_order_whole_frames_aligned_large_ones_chunked(big):
+    """Frames of mixed sizes: every message's data concatenates to the frames; a frame of
+    `size` to `whole` bytes is a message of its own with its payload on a 16-byte offset, small
+    frames share one, a larger frame goes in `size` chunks."""
+    from hack_transport.transports.grpc_transport import _chunks
+
+    _, _, blocks = big
+    frame = wire.encode_frame(blocks[0])  # 2.7 MB
+    small = frame[: _payload_at(frame)] + bytes(1000)  # a prefix and header: not a real frame
+    sizes = {"size": 1 << 20, "whole": 4 << 20}
+    frames = [[frame], [frame + frame], [frame], [small], [small], [frame], [frame]]
+    first = pb.TransferChunk(key="k", num_frames=len(frames))
+    msgs = list(_chunks(first, frames, **sizes))
+    datas = [bytes(parse_chunk(m).data) for m in msgs]
+    assert b"".join(datas) == b"".join(f[0] for f in frames)
+    assert pb.TransferChunk.FromString(msgs[0]).key == "k"
+    # frame | 1 MiB x 5 + rest of the 5.4 MB frame | frame | small + small | frame | frame
+    lengths = [len(d) for d in datas]
+    double = 2 * len(frame)
+    assert lengths == [len(frame)] + [1 << 20] * 5 + [double - (5 << 20)] + [
+        len(frame), 2 * len(small), len(frame), len(frame),
+    ]  # fmt: skip
+    for i in (0, 7, 9, 10):  # the whole frames: payload on a 16-byte offset of the message
+        assert datas[i] == frame
+        assert (msgs[i].index(frame) + _payload_at(frame)) % MESSAGE_ALIGN == 0
+    old = list(_chunks(first, frames, 1 << 20))  # whole=0: every message a 1 MiB chunk
+    assert b"".join(bytes(parse_chunk(m).data) for m in old) == b"".join(f[0] for f in frames)
+    assert all(len(parse_chunk(m).data) == 1 << 20 for m in old[:-1])
