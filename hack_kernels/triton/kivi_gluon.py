@@ -8,9 +8,9 @@ one warp computes the transposed products, whose n = 8 side fits the columns exa
   O^T [D, 8]      = V^T codes [D, tokens] . P'^T [tokens, 8]
 
 Column n is (q head h = n // E, V channel group e = n % E): a lane's two columns are one head's
-groups, whose V scales and mins sit side by side (one 32-bit load per token). Score tiles are [64, 8] per page
-instead of [16, 128] per two pages, and every code operand comes straight from the packed bytes
-in the register layout the tensor cores read:
+groups, whose V scales and mins sit side by side (one 32-bit load per token). Score tiles are
+[64, 8] per page instead of [16, 128] per two pages, and every code operand comes straight from
+the packed bytes in the register layout the tensor cores read:
 - a row of n codes is planar-packed (byte i holds elements i, i + n/per, ...), so plane j of
   the bytes a lane loads holds elements j * n/per + those bytes: loaded in the right layout
   (bytes 4t..4t+3 and 16+4t.. of the A fragment), the planes joined along the row are the
