@@ -111,9 +111,10 @@ def decode_attention(
 
 def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None = None) -> None:
     """Compile every kernel variant decode_attention launches for this cache and query dtype
-    (the one-page path of few pages, the tuned path of many, and the merge in its two block
-    sizes, which serve every split count), so that no later request compiles. Call once at start-up, before CUDA-graph capture;
-    it attends zero queries over slot 0 as it stands and discards the result."""
+    (the one-page path of few pages, the tuned path of many, the Gluon kernel's two address
+    variants and its 16-bit partial, and the merge in its two block sizes, which serve every
+    split count), so that no later request compiles. Call once at start-up, before CUDA-graph
+    capture; it attends zero queries over slot 0 as it stands and discards the result."""
     q = torch.zeros(
         (1, q_heads, 1, cache.head_dim),
         dtype=dtype or cache.k_open.dtype,
