@@ -3,6 +3,7 @@ and open page as one more partial (open_partial.py), then the split merge."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,9 +15,10 @@ from .launch import LAST_COMPILED, LOG2E, _nonempty, combine_splits, interpretin
 from .open_partial import open_partial_kernel
 
 
+@functools.cache
 def gluon_decode_available() -> bool:
     """Gluon kernels run on NVIDIA GPUs of compute capability 8.0 or newer (mma.sync int8);
-    never under the CPU interpreter."""
+    never under the CPU interpreter. Answered once per process: decode asks at every step."""
     if interpreting() or not torch.cuda.is_available():
         return False
     if torch.version.hip is not None or torch.cuda.get_device_capability() < (8, 0):
@@ -80,7 +82,7 @@ def run_kivi_gluon_decode(
     if num_splits:
         for name, t in pages.tensors().items():
             # a page's data per kv head contiguous: the kernel's offsets in it are constants
-            if t.numel() and not t[0, 0, 0].is_contiguous():
+            if t.numel() and not t.is_contiguous() and not t[0, 0, 0].is_contiguous():
                 raise ValueError(f"page array {name} must be contiguous within a page and head")
         kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
         vc, vm, vs = pages.v_codes, pages.v_mins, pages.v_scales
