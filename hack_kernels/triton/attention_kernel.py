@@ -366,22 +366,14 @@ def hack_attn_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["NSPLIT"])
-def combine_splits_kernel(
-    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
+@triton.jit
+def _merge_partials(
+    o_ptr, mlrow, row, NSPLIT, dch, run_m, lsum, acc, D: tl.constexpr, BLOCK_S: tl.constexpr
 ):  # fmt: skip
-    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's NSPLIT splits, for
-    the channels of block program_id(1): blocks of BLOCK_S partials merged online (a running max,
-    earlier blocks rescaled), one pass. One compiled variant serves every split count (no
-    specialization on NSPLIT, a fixed block): nothing compiles when a longer context first needs
-    more splits."""
-    row = tl.program_id(0).to(tl.int64)
+    """Online merge of a row's NSPLIT partials (acc rows of o_ptr, (m, l) pairs at mlrow) into
+    (run_m, lsum, acc) for channels dch, in blocks of BLOCK_S partials: a running max, earlier
+    blocks rescaled, one pass."""
     sp = tl.arange(0, BLOCK_S)
-    mlrow = ml_ptr + row * NSPLIT * 2
-    dch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    run_m = -float("inf")
-    lsum = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, NSPLIT, BLOCK_S):
         smask = s0 + sp < NSPLIT
         m = tl.load(mlrow + (s0 + sp) * 2, mask=smask, other=-float("inf"))
@@ -397,4 +389,22 @@ def combine_splits_kernel(
         acc = acc * alpha + tl.sum(part * w[:, None], axis=0)
         lsum = lsum * alpha + tl.sum(lb * w, axis=0)
         run_m = new_m
+    return run_m, lsum, acc
+
+
+@triton.jit(do_not_specialize=["NSPLIT"])
+def combine_splits_kernel(
+    o_ptr, ml_ptr, out_ptr, NSPLIT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
+):  # fmt: skip
+    """out[row] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over a row's NSPLIT splits, for
+    the channels of block program_id(1): blocks of BLOCK_S partials merged online (a running max,
+    earlier blocks rescaled), one pass. One compiled variant serves every split count (no
+    specialization on NSPLIT, a fixed block): nothing compiles when a longer context first needs
+    more splits."""
+    row = tl.program_id(0).to(tl.int64)
+    dch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    run_m, lsum, acc = _merge_partials(
+        o_ptr, ml_ptr + row * NSPLIT * 2, row, NSPLIT, dch,
+        -float("inf"), 0.0, tl.zeros([BLOCK_D], tl.float32), D, BLOCK_S,
+    )  # fmt: skip
     tl.store(out_ptr + row * D + dch, (acc / lsum).to(out_ptr.dtype.element_ty))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .kivi_gluon_launch import (
+    FUSE_16BIT_ROWS,
     gluon_decode_available,
     gluon_decode_supports,
     run_kivi_gluon_decode,
@@ -129,6 +130,14 @@ def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None
     if hoist_below:
         for splits in (1, hoist_below // cache.kv_heads + 1):
             decode_attention(q, cache, max_pages=SHORT_DECODE_PAGES + 1, num_splits=splits)
+    # and, where the cache holds batches of more query rows than the merge attends 16-bit tokens
+    # for, the separate 16-bit partial (slots as they stand; the result is discarded)
+    slots = cache.block_tables.shape[0]
+    big = FUSE_16BIT_ROWS // q_heads + 1
+    if slots >= big:
+        qb = q.expand(big, -1, -1, -1).contiguous()
+        for splits in (1, COMBINE_SMALL_S + 1):
+            decode_attention(qb, cache, max_pages=SHORT_DECODE_PAGES + 1, num_splits=splits)
     # and both merge block sizes, whatever split counts the tuned parameters gave above
     for parts in (1, COMBINE_SMALL_S + 1):
         part = q.new_zeros((1, q_heads, parts, cache.head_dim), dtype=torch.float32)

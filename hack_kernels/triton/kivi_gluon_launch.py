@@ -11,8 +11,21 @@ import triton
 
 from .kivi_launch import _bstride
 from .kivi_pages import KiviPages
-from .launch import LAST_COMPILED, LOG2E, _nonempty, combine_splits, interpreting
-from .open_partial import open_partial_kernel
+from .launch import (
+    COMBINE_BLOCK_D,
+    COMBINE_BLOCK_S,
+    COMBINE_SMALL_S,
+    LAST_COMPILED,
+    LOG2E,
+    _nonempty,
+    combine_splits,
+    interpreting,
+)
+from .open_partial import combine_with_16bit_kernel, open_partial_kernel
+
+# query rows (batch x q heads) up to which the split merge attends the 16-bit tokens itself (one
+# launch fewer; each of a row's channel blocks recomputes its scores, cheap for a few rows)
+FUSE_16BIT_ROWS = 64
 
 
 @functools.cache
@@ -58,7 +71,8 @@ def run_kivi_gluon_decode(
 ) -> torch.Tensor:
     """Decode of q [B, Hq, 1, D] over the cache's kivi pages (physical page ids from
     block_tables [B, pages], lengths seq_lens [B]); sinks / opens = (k, v, s_batch, s_head,
-    s_token) of the 16-bit tokens. num_splits partials of closed pages plus one of 16-bit ones.
+    s_token) of the 16-bit tokens. num_splits partials of closed pages, and the 16-bit tokens
+    attended by the split merge (up to FUSE_16BIT_ROWS query rows) or as one more partial.
     Grids of at most hoist_below programs run the kernel's HOIST variant (row addresses kept in
     registers: fewer instructions, lower occupancy)."""
     from .kivi_gluon import kivi_gluon_decode_kernel
@@ -70,15 +84,17 @@ def run_kivi_gluon_decode(
     e = d // partition
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     sinks, opens = (tuple(_nonempty(t) for t in grp) for grp in (sinks, opens))
-    nparts = num_splits + 1
+    fuse = b * hq <= FUSE_16BIT_ROWS
+    nparts = num_splits + (0 if fuse else 1)
     part = torch.empty((b, hq, nparts, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b, hq, nparts, 2), dtype=torch.float32, device=q.device)
-    open_partial_kernel[(b * kv_heads,)](
-        q, q.stride(0), q.stride(1), part, ml, nparts, num_splits, seq_lens,
-        *sinks, *opens, n_sink, kv_heads, scale,
-        D=d, PART=partition, G=g, ROWS=max(16, triton.next_power_of_2(g)), BLOCK16=16,
-        INTERP=False, num_warps=4,
-    )  # fmt: skip
+    if not fuse:
+        open_partial_kernel[(b * kv_heads,)](
+            q, q.stride(0), q.stride(1), part, ml, nparts, num_splits, seq_lens,
+            *sinks, *opens, n_sink, kv_heads, scale,
+            D=d, PART=partition, G=g, ROWS=max(16, triton.next_power_of_2(g)), BLOCK16=16,
+            INTERP=False, num_warps=4,
+        )  # fmt: skip
     if num_splits:
         for name, t in pages.tensors().items():
             # a page's data per kv head contiguous: the kernel's offsets in it are constants
@@ -100,5 +116,14 @@ def run_kivi_gluon_decode(
             D=d, PART=partition, G=g, E=e, BITS=bits, HOIST=b * kv_heads * num_splits <= hoist_below, **launch,
         )  # fmt: skip
         LAST_COMPILED[("decode_kivi_gluon", d, partition)] = compiled
-    combine_splits(part, ml, out)
+    if fuse:
+        block_d = min(d, COMBINE_BLOCK_D)
+        combine_with_16bit_kernel[(b * hq, d // block_d)](
+            part, ml, out, nparts, q, q.stride(0), q.stride(1), seq_lens,
+            *sinks, *opens, n_sink, hq, g, scale,
+            D=d, PART=partition, BLOCK_D=block_d,
+            BLOCK_S=COMBINE_SMALL_S if nparts <= COMBINE_SMALL_S else COMBINE_BLOCK_S, BLOCK16=16,
+        )  # fmt: skip
+    else:
+        combine_splits(part, ml, out)
     return out

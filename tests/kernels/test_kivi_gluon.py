@@ -17,7 +17,7 @@ import hack_kernels.triton.decode as decode_module
 from hack_kernels import HackConfig
 from hack_kernels.triton import launch
 from hack_kernels.triton.launch import combine_splits
-from hack_kernels.triton.open_partial import open_partial_kernel
+from hack_kernels.triton.open_partial import combine_with_16bit_kernel, open_partial_kernel
 from tests.kernels.helpers import DEVICE, assert_decode_matches, filled_cache, rel_written
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -61,52 +61,76 @@ def test_gluon_decode_matches_reference(case, hoist, monkeypatch):
     assert ("decode_kivi_gluon", d, 64) in launch.LAST_COMPILED  # the Gluon path ran
 
 
-def _attend64(q, k, v, scale):
-    """float64 softmax attention of q [G, D] over k, v [T, D]."""
-    s = (q.double() @ k.double().T) * scale
-    return torch.softmax(s, -1) @ v.double()
+def _partial64(q, k, v, scale):
+    """float64 (acc, m, l) of q [G, D] over k, v [T, D] in the kernels' log2 domain."""
+    s = (q.double() @ k.double().T) * scale * 1.4426950408889634
+    m = s.amax(-1)
+    p = torch.exp2(s - m[:, None])
+    return p @ v.double(), m, p.sum(-1)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(
-    "n_sink,n_open", [(0, 1), (4, 0), (3, 63), (0, 0), (2, 17), (0, 63), (3, 0), (0, 17), (0, 16)]
+    "n_sink,n_open", [(0, 1), (4, 0), (3, 63), (0, 0), (2, 17), (0, 63), (0, 16)]
 )
-def test_open_partial_matches_float64(n_sink, n_open):
-    # one partial over the sinks and open page, merged alone: softmax attention over exactly
-    # those tokens (the closed pages between them are not this kernel's)
+def test_16bit_part_merged_matches_float64(n_sink, n_open, fused):
+    # the sinks and open page, as a partial of their own (open_partial_kernel, then the merge)
+    # or attended by the merge itself (combine_with_16bit_kernel), merged with random partials
+    # of closed pages: against the float64 merge of the same partials and a float64 16-bit one
     gen = torch.Generator().manual_seed(n_sink * 100 + n_open)
     b, kvh, g, d, part, closed = 2, 2, 3, 64, 64, 2
+    hq = kvh * g
     ks = torch.randn(b, kvh, max(n_sink, 1), d, generator=gen).half()
     vs = torch.randn(b, kvh, max(n_sink, 1), d, generator=gen).half()
     ko = torch.randn(b, kvh, part, d, generator=gen).half()
     vo = torch.randn(b, kvh, part, d, generator=gen).half()
-    q = torch.randn(b, kvh * g, 1, d, generator=gen).half()
+    q = torch.randn(b, hq, 1, d, generator=gen).half()
     seq = torch.full((b,), n_sink + closed * part + n_open, dtype=torch.int32)
-    nparts, idx = 3, 2  # two partials of closed pages would sit before it
-    part_t = torch.full((b, kvh * g, nparts, d), float("nan"))
-    ml = torch.full((b, kvh * g, nparts, 2), float("nan"))
-    ml[..., :idx, 0] = -float("inf")  # the other partials: empty
-    ml[..., :idx, 1] = 0.0
-    part_t[..., :idx, :] = 0.0
+    splits = 3  # closed-page partials: random, one of them empty
+    acc_c = torch.randn(b, hq, splits, d, generator=gen)
+    m_c = torch.randn(b, hq, splits, generator=gen) * 3
+    l_c = torch.rand(b, hq, splits, generator=gen) + 0.5
+    m_c[:, :, 1], l_c[:, :, 1], acc_c[:, :, 1] = -float("inf"), 0.0, 0.0
+    nparts = splits + (0 if fused else 1)
+    part_t = torch.full((b, hq, nparts, d), float("nan"))
+    ml = torch.full((b, hq, nparts, 2), float("nan"))
+    part_t[:, :, :splits] = acc_c
+    ml[:, :, :splits, 0], ml[:, :, :splits, 1] = m_c, l_c
     scale = 1 / math.sqrt(d)
     t = [x.to(DEVICE) for x in (q, part_t, ml, seq, ks, vs, ko, vo)]
     q_d, part_d, ml_d, seq_d, ks_d, vs_d, ko_d, vo_d = t
-    open_partial_kernel[(b * kvh,)](
-        q_d, q_d.stride(0), q_d.stride(1), part_d, ml_d, nparts, idx, seq_d,
+    sixteen = (
         ks_d, vs_d, ks_d.stride(0), ks_d.stride(1), ks_d.stride(2),
         ko_d, vo_d, ko_d.stride(0), ko_d.stride(1), ko_d.stride(2),
-        n_sink, kvh, scale * 1.4426950408889634,
-        D=d, PART=part, G=g, ROWS=16, BLOCK16=16, INTERP=DEVICE == "cpu",
     )  # fmt: skip
-    if n_sink + n_open == 0:  # nothing to attend: an empty partial the merge skips
-        assert torch.all(ml_d[..., idx, 0].cpu() == -float("inf"))
-        assert torch.all(ml_d[..., idx, 1].cpu() == 0)
-        return
-    out = torch.full((b, kvh * g, 1, d), float("nan"), device=DEVICE)
-    combine_splits(part_d, ml_d, out)
+    out = torch.full((b, hq, 1, d), float("nan"), device=DEVICE)
+    if fused:
+        combine_with_16bit_kernel[(b * hq, d // 32)](
+            part_d, ml_d, out, nparts, q_d, q_d.stride(0), q_d.stride(1), seq_d, *sixteen,
+            n_sink, hq, g, scale * 1.4426950408889634,
+            D=d, PART=part, BLOCK_D=32, BLOCK_S=16, BLOCK16=16,
+        )  # fmt: skip
+    else:
+        open_partial_kernel[(b * kvh,)](
+            q_d, q_d.stride(0), q_d.stride(1), part_d, ml_d, nparts, splits, seq_d, *sixteen,
+            n_sink, kvh, scale * 1.4426950408889634,
+            D=d, PART=part, G=g, ROWS=16, BLOCK16=16, INTERP=DEVICE == "cpu",
+        )  # fmt: skip
+        combine_splits(part_d, ml_d, out)
     for i in range(b):
         for h in range(kvh):
-            k = torch.cat([ks[i, h, :n_sink], ko[i, h, :n_open]])
-            v = torch.cat([vs[i, h, :n_sink], vo[i, h, :n_open]])
-            want = _attend64(q[i, h * g : (h + 1) * g, 0], k, v, scale)
-            got = out[i, h * g : (h + 1) * g, 0]
-            assert rel_written(got, want) <= 1e-3, (i, h)
+            rows = slice(h * g, (h + 1) * g)
+            accs, ms, ls = (
+                [acc_c[i, rows].double()],
+                [m_c[i, rows].double()],
+                [l_c[i, rows].double()],
+            )
+            if n_sink + n_open:
+                k = torch.cat([ks[i, h, :n_sink], ko[i, h, :n_open]])
+                v = torch.cat([vs[i, h, :n_sink], vo[i, h, :n_open]])
+                a16, m16, l16 = _partial64(q[i, rows, 0], k, v, scale)
+                accs.append(a16[:, None]), ms.append(m16[:, None]), ls.append(l16[:, None])
+            acc, m, lsum = torch.cat(accs, 1), torch.cat(ms, 1), torch.cat(ls, 1)
+            w = torch.exp2(m - m.amax(-1, keepdim=True)).nan_to_num(0.0)
+            want = (acc * w[..., None]).sum(1) / (lsum * w).sum(1)[:, None]
+            assert rel_written(out[i, rows, 0], want) <= 1e-3, (i, h)
