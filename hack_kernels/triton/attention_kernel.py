@@ -405,6 +405,7 @@ def combine_splits_kernel(
     dch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     run_m, lsum, acc = _merge_partials(
         o_ptr, ml_ptr + row * NSPLIT * 2, row, NSPLIT, dch,
-        -float("inf"), 0.0, tl.zeros([BLOCK_D], tl.float32), D, BLOCK_S,
+        tl.full([], -float("inf"), tl.float32), tl.zeros([], tl.float32),
+        tl.zeros([BLOCK_D], tl.float32), D, BLOCK_S,
     )  # fmt: skip
     tl.store(out_ptr + row * D + dch, (acc / lsum).to(out_ptr.dtype.element_ty))

@@ -102,8 +102,9 @@ def combine_with_16bit_kernel(
     n_sink = tl.minimum(T, NSINK)
     n_closed = (T - n_sink) // PART * PART
     q = tl.load(q_ptr + b * sq_b + head * sq_h + tl.arange(0, D)).to(tl.float32)
-    m_i = -float("inf")
-    l_i = 0.0
+    # loop-carried through the helpers: typed scalars, not Python constants
+    m_i = tl.full([], -float("inf"), tl.float32)
+    l_i = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend16_row(
         q, ks_ptr, vs_ptr, b * sks_b + kvh * sks_h, sks_t, n_sink, dch, m_i, l_i, acc,

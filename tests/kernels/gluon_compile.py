@@ -1,6 +1,7 @@
 """Compile kivi_gluon_decode_kernel for the H100 (sm_90) without a GPU; writes the cubin.
 
     python -m tests.kernels.gluon_compile OUT.cubin [HEAD_DIM BITS]
+    python -m tests.kernels.gluon_compile --merges OUT_DIR   (the Triton kernels beside it)
 Arguments are typed and aligned as a launch on the paged cache specializes them (pointers and
 strides divisible by 16; split counts and block-table widths not specialized).
 """
@@ -44,5 +45,40 @@ def main(out: str, head_dim: int = 128, bits: int = 2) -> None:
     Path(out).write_bytes(ck.asm["cubin"])
 
 
+def compile_merges(out_dir: str) -> None:
+    """The Triton kernels beside it (split merges, the 16-bit partial) for sm_90: the
+    interpreter accepts code a GPU compile rejects (Python constants carried through loops)."""
+    from triton.compiler import ASTSource
+
+    from hack_kernels.triton.attention_kernel import combine_splits_kernel
+    from hack_kernels.triton.open_partial import combine_with_16bit_kernel, open_partial_kernel
+
+    ptrs = {n: "*fp32" for n in ("o_ptr", "ml_ptr", "part_ptr")}
+    ptrs |= {n: "*fp16" for n in ("out_ptr", "q_ptr", "ks_ptr", "vs_ptr", "ko_ptr", "vo_ptr")}
+    ptrs["seq_ptr"] = "*i32"
+    kernels = (
+        (combine_splits_kernel, {"D": 128, "BLOCK_D": 32, "BLOCK_S": 16}),
+        (combine_with_16bit_kernel, {"D": 128, "PART": 64, "BLOCK_D": 32, "BLOCK_S": 128,
+                                     "BLOCK16": 16}),
+        (open_partial_kernel, {"D": 128, "PART": 64, "G": 4, "ROWS": 16, "BLOCK16": 16,
+                               "INTERP": False}),
+    )  # fmt: skip
+    for k, consts in kernels:
+        sig = {}
+        for name in inspect.signature(k.fn).parameters:
+            sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
+        sig["qk_scale"] = "fp32" if "qk_scale" in sig else None
+        sig = {n: t for n, t in sig.items() if t}
+        ck = triton.compile(
+            ASTSource(fn=k, signature=sig, constexprs=consts),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 4},
+        )
+        Path(out_dir, f"{k.fn.__name__}.cubin").write_bytes(ck.asm["cubin"])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))
+    if sys.argv[1] == "--merges":
+        compile_merges(sys.argv[2])
+    else:
+        main(sys.argv[1], *(int(a) for a in sys.argv[2:]))

@@ -73,3 +73,16 @@ def test_gluon_decode_sass(tmp_path, head_dim, bits):
     # copied to its columns (d128: 2 stores, 2 matrix loads; d64: 4 and 4)
     assert smem <= 16, ops
     assert len(loop) < 1300, len(loop)  # 1,133 at this commit (the Triton kernel: ~2,200 a page)
+
+
+def test_merge_kernels_compile_for_sm90(tmp_path):
+    # the kernels decode launches beside the Gluon one compile for the GPU, not only in the
+    # interpreter (a Python float carried through a loop passes there and fails here)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    subprocess.run(
+        [sys.executable, "-m", "tests.kernels.gluon_compile", "--merges", str(tmp_path)],
+        env=env, cwd=Path(__file__).resolve().parents[2], check=True, timeout=300,
+    )  # fmt: skip
+    names = ("combine_splits_kernel", "combine_with_16bit_kernel", "open_partial_kernel")
+    assert all((tmp_path / f"{n}.cubin").stat().st_size > 0 for n in names)
