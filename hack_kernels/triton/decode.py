@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .kivi_gluon_launch import (
-    FUSE_16BIT_ROWS,
     gluon_decode_available,
     gluon_decode_supports,
     run_kivi_gluon_decode,
@@ -113,7 +112,7 @@ def decode_attention(
 def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None = None) -> None:
     """Compile every kernel variant decode_attention launches for this cache and query dtype
     (the one-page path of few pages, the tuned path of many, the Gluon kernel's two address
-    variants and its 16-bit partial, and the merge in its two block sizes, which serve every
+    variants and its merge, and the Triton merge in its two block sizes, which serve every
     split count), so that no later request compiles. Call once at start-up, before CUDA-graph
     capture; it attends zero queries over slot 0 as it stands and discards the result."""
     q = torch.zeros(
@@ -130,14 +129,6 @@ def warmup_decode(cache: PagedHackCache, q_heads: int, dtype: torch.dtype | None
     if hoist_below:
         for splits in (1, hoist_below // cache.kv_heads + 1):
             decode_attention(q, cache, max_pages=SHORT_DECODE_PAGES + 1, num_splits=splits)
-    # and, where the cache holds batches of more query rows than the merge attends 16-bit tokens
-    # for, the separate 16-bit partial (slots as they stand; the result is discarded)
-    slots = cache.block_tables.shape[0]
-    big = FUSE_16BIT_ROWS // q_heads + 1
-    if slots >= big:
-        qb = q.expand(big, -1, -1, -1).contiguous()
-        for splits in (1, COMBINE_SMALL_S + 1):
-            decode_attention(qb, cache, max_pages=SHORT_DECODE_PAGES + 1, num_splits=splits)
     # and both merge block sizes, whatever split counts the tuned parameters gave above
     for parts in (1, COMBINE_SMALL_S + 1):
         part = q.new_zeros((1, q_heads, parts, cache.head_dim), dtype=torch.float32)

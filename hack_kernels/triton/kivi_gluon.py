@@ -18,8 +18,8 @@ the packed bytes in the register layout the tensor cores read:
   V rows (channels) along the page's tokens.
 Only P' changes layout (C fragment -> B operand, 512 bytes a page through shared memory), and
 Q' (folded once per head, then copied to the head's columns). The math is kivi_kernel's
-(bit-exact rounding of Q' and P'); the 16-bit sinks and open page are a separate partial
-(open_partial.py).
+(bit-exact rounding of Q' and P'); the 16-bit sinks and open page are attended by the split
+merge (merge_16bit.py).
 Supported shape class: 2- and 4-bit codes, head_dim 64 and 128, partition 64, G * D / 64 <= 8.
 """
 

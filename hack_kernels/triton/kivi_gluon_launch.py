@@ -1,5 +1,5 @@
-"""Launching kivi_gluon_decode_kernel: closed pages on one warp per program, the 16-bit sinks
-and open page as one more partial (open_partial.py), then the split merge."""
+"""Launching kivi_gluon_decode_kernel: closed pages on one warp per program, then the split
+merge, which also attends the 16-bit sinks and open page (merge_16bit.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import functools
 import math
 
 import torch
-import triton
 
 from .kivi_launch import _bstride
 from .kivi_pages import KiviPages
@@ -18,14 +17,9 @@ from .launch import (
     LAST_COMPILED,
     LOG2E,
     _nonempty,
-    combine_splits,
     interpreting,
 )
-from .open_partial import combine_with_16bit_kernel, open_partial_kernel
-
-# query rows (batch x q heads) up to which the split merge attends the 16-bit tokens itself (one
-# launch fewer; each of a row's channel blocks recomputes its scores, cheap for a few rows)
-FUSE_16BIT_ROWS = 64
+from .merge_16bit import combine_with_16bit_kernel
 
 
 @functools.cache
@@ -71,8 +65,8 @@ def run_kivi_gluon_decode(
 ) -> torch.Tensor:
     """Decode of q [B, Hq, 1, D] over the cache's kivi pages (physical page ids from
     block_tables [B, pages], lengths seq_lens [B]); sinks / opens = (k, v, s_batch, s_head,
-    s_token) of the 16-bit tokens. num_splits partials of closed pages, and the 16-bit tokens
-    attended by the split merge (up to FUSE_16BIT_ROWS query rows) or as one more partial.
+    s_token) of the 16-bit tokens. num_splits partials of closed pages, merged by a kernel that
+    first attends the 16-bit tokens itself (merge_16bit.py).
     Grids of at most hoist_below programs run the kernel's HOIST variant (row addresses kept in
     registers: fewer instructions, lower occupancy)."""
     from .kivi_gluon import kivi_gluon_decode_kernel
@@ -84,46 +78,35 @@ def run_kivi_gluon_decode(
     e = d // partition
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     sinks, opens = (tuple(_nonempty(t) for t in grp) for grp in (sinks, opens))
-    fuse = b * hq <= FUSE_16BIT_ROWS
-    nparts = num_splits + (0 if fuse else 1)
+    num_splits = nparts = max(num_splits, 1)  # an empty split writes an empty partial
     part = torch.empty((b, hq, nparts, d), dtype=torch.float32, device=q.device)
     ml = torch.empty((b, hq, nparts, 2), dtype=torch.float32, device=q.device)
-    if not fuse:
-        open_partial_kernel[(b * kv_heads,)](
-            q, q.stride(0), q.stride(1), part, ml, nparts, num_splits, seq_lens,
-            *sinks, *opens, n_sink, kv_heads, scale,
-            D=d, PART=partition, G=g, ROWS=max(16, triton.next_power_of_2(g)), BLOCK16=16,
-            INTERP=False, num_warps=4,
-        )  # fmt: skip
-    if num_splits:
-        for name, t in pages.tensors().items():
-            # a page's data per kv head contiguous: the kernel's offsets in it are constants
-            if t.numel() and not t.is_contiguous() and not t[0, 0, 0].is_contiguous():
-                raise ValueError(f"page array {name} must be contiguous within a page and head")
-        kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
-        vc, vm, vs = pages.v_codes, pages.v_mins, pages.v_scales
-        launch = {"num_warps": 1}
-        if maxnreg:
-            launch["maxnreg"] = int(maxnreg)
-        compiled = kivi_gluon_decode_kernel[(b * kv_heads, num_splits)](
-            q, q.stride(0), q.stride(1), part, ml, nparts,
-            seq_lens, block_tables, block_tables.stride(0),
-            kc, _bstride(kc, b), kc.stride(1), kc.stride(2),
-            km, ks, _bstride(km, b), km.stride(1), km.stride(2),
-            vc, _bstride(vc, b), vc.stride(1), vc.stride(2),
-            vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2),
-            n_sink, num_splits, kv_heads, scale,
-            D=d, PART=partition, G=g, E=e, BITS=bits, HOIST=b * kv_heads * num_splits <= hoist_below, **launch,
-        )  # fmt: skip
-        LAST_COMPILED[("decode_kivi_gluon", d, partition)] = compiled
-    if fuse:
-        block_d = min(d, COMBINE_BLOCK_D)
-        combine_with_16bit_kernel[(b * hq, d // block_d)](
-            part, ml, out, nparts, q, q.stride(0), q.stride(1), seq_lens,
-            *sinks, *opens, n_sink, hq, g, scale,
-            D=d, PART=partition, BLOCK_D=block_d,
-            BLOCK_S=COMBINE_SMALL_S if nparts <= COMBINE_SMALL_S else COMBINE_BLOCK_S, BLOCK16=16,
-        )  # fmt: skip
-    else:
-        combine_splits(part, ml, out)
+    for name, t in pages.tensors().items():
+        # a page's data per kv head contiguous: the kernel's offsets in it are constants
+        if t.numel() and not t.is_contiguous() and not t[0, 0, 0].is_contiguous():
+            raise ValueError(f"page array {name} must be contiguous within a page and head")
+    kc, km, ks = pages.k_codes, pages.k_mins, pages.k_scales
+    vc, vm, vs = pages.v_codes, pages.v_mins, pages.v_scales
+    launch = {"num_warps": 1}
+    if maxnreg:
+        launch["maxnreg"] = int(maxnreg)
+    hoist = b * kv_heads * num_splits <= hoist_below
+    compiled = kivi_gluon_decode_kernel[(b * kv_heads, num_splits)](
+        q, q.stride(0), q.stride(1), part, ml, nparts,
+        seq_lens, block_tables, block_tables.stride(0),
+        kc, _bstride(kc, b), kc.stride(1), kc.stride(2),
+        km, ks, _bstride(km, b), km.stride(1), km.stride(2),
+        vc, _bstride(vc, b), vc.stride(1), vc.stride(2),
+        vm, vs, _bstride(vm, b), vm.stride(1), vm.stride(2),
+        n_sink, num_splits, kv_heads, scale,
+        D=d, PART=partition, G=g, E=e, BITS=bits, HOIST=hoist, **launch,
+    )  # fmt: skip
+    LAST_COMPILED[("decode_kivi_gluon", d, partition)] = compiled
+    block_d = min(d, COMBINE_BLOCK_D)
+    combine_with_16bit_kernel[(b * hq, d // block_d)](
+        part, ml, out, nparts, q, q.stride(0), q.stride(1), seq_lens,
+        *sinks, *opens, n_sink, hq, g, scale,
+        D=d, PART=partition, BLOCK_D=block_d,
+        BLOCK_S=COMBINE_SMALL_S if nparts <= COMBINE_SMALL_S else COMBINE_BLOCK_S, BLOCK16=16,
+    )  # fmt: skip
     return out

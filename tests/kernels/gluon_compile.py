@@ -46,12 +46,12 @@ def main(out: str, head_dim: int = 128, bits: int = 2) -> None:
 
 
 def compile_merges(out_dir: str) -> None:
-    """The Triton kernels beside it (split merges, the 16-bit partial) for sm_90: the
+    """The Triton kernels beside it (the split merges) for sm_90: the
     interpreter accepts code a GPU compile rejects (Python constants carried through loops)."""
     from triton.compiler import ASTSource
 
     from hack_kernels.triton.attention_kernel import combine_splits_kernel
-    from hack_kernels.triton.open_partial import combine_with_16bit_kernel, open_partial_kernel
+    from hack_kernels.triton.merge_16bit import combine_with_16bit_kernel
 
     ptrs = {n: "*fp32" for n in ("o_ptr", "ml_ptr", "part_ptr")}
     ptrs |= {n: "*fp16" for n in ("out_ptr", "q_ptr", "ks_ptr", "vs_ptr", "ko_ptr", "vo_ptr")}
@@ -60,8 +60,6 @@ def compile_merges(out_dir: str) -> None:
         (combine_splits_kernel, {"D": 128, "BLOCK_D": 32, "BLOCK_S": 16}),
         (combine_with_16bit_kernel, {"D": 128, "PART": 64, "BLOCK_D": 32, "BLOCK_S": 128,
                                      "BLOCK16": 16}),
-        (open_partial_kernel, {"D": 128, "PART": 64, "G": 4, "ROWS": 16, "BLOCK16": 16,
-                               "INTERP": False}),
     )  # fmt: skip
     for k, consts in kernels:
         sig = {}

@@ -1,4 +1,5 @@
-"""The Gluon decode kernel (kivi_gluon.py) and the 16-bit partial beside it (open_partial.py).
+"""The Gluon decode kernel (kivi_gluon.py) and its split merge, which attends the 16-bit tokens
+(merge_16bit.py).
 
 On a GPU: decode through the Gluon path against reference_attention of the same quantization
 (relative error <= 1e-3, NaN-poisoned outputs), ragged batches around page boundaries, GQA
@@ -16,8 +17,7 @@ import torch
 import hack_kernels.triton.decode as decode_module
 from hack_kernels import HackConfig
 from hack_kernels.triton import launch
-from hack_kernels.triton.launch import combine_splits
-from hack_kernels.triton.open_partial import combine_with_16bit_kernel, open_partial_kernel
+from hack_kernels.triton.merge_16bit import combine_with_16bit_kernel
 from tests.kernels.helpers import DEVICE, assert_decode_matches, filled_cache, rel_written
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -69,14 +69,13 @@ def _partial64(q, k, v, scale):
     return p @ v.double(), m, p.sum(-1)
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(
     "n_sink,n_open", [(0, 1), (4, 0), (3, 63), (0, 0), (2, 17), (0, 63), (0, 16)]
 )
-def test_16bit_part_merged_matches_float64(n_sink, n_open, fused):
-    # the sinks and open page, as a partial of their own (open_partial_kernel, then the merge)
-    # or attended by the merge itself (combine_with_16bit_kernel), merged with random partials
-    # of closed pages: against the float64 merge of the same partials and a float64 16-bit one
+def test_16bit_part_merged_matches_float64(n_sink, n_open):
+    # the sinks and open page attended by the merge itself (combine_with_16bit_kernel) and merged
+    # with random partials of closed pages: against the float64 merge of the same partials and
+    # a float64 16-bit one
     gen = torch.Generator().manual_seed(n_sink * 100 + n_open)
     b, kvh, g, d, part, closed = 2, 2, 3, 64, 64, 2
     hq = kvh * g
@@ -91,7 +90,7 @@ def test_16bit_part_merged_matches_float64(n_sink, n_open, fused):
     m_c = torch.randn(b, hq, splits, generator=gen) * 3
     l_c = torch.rand(b, hq, splits, generator=gen) + 0.5
     m_c[:, :, 1], l_c[:, :, 1], acc_c[:, :, 1] = -float("inf"), 0.0, 0.0
-    nparts = splits + (0 if fused else 1)
+    nparts = splits
     part_t = torch.full((b, hq, nparts, d), float("nan"))
     ml = torch.full((b, hq, nparts, 2), float("nan"))
     part_t[:, :, :splits] = acc_c
@@ -104,19 +103,11 @@ def test_16bit_part_merged_matches_float64(n_sink, n_open, fused):
         ko_d, vo_d, ko_d.stride(0), ko_d.stride(1), ko_d.stride(2),
     )  # fmt: skip
     out = torch.full((b, hq, 1, d), float("nan"), device=DEVICE)
-    if fused:
-        combine_with_16bit_kernel[(b * hq, d // 32)](
-            part_d, ml_d, out, nparts, q_d, q_d.stride(0), q_d.stride(1), seq_d, *sixteen,
-            n_sink, hq, g, scale * 1.4426950408889634,
-            D=d, PART=part, BLOCK_D=32, BLOCK_S=16, BLOCK16=16,
-        )  # fmt: skip
-    else:
-        open_partial_kernel[(b * kvh,)](
-            q_d, q_d.stride(0), q_d.stride(1), part_d, ml_d, nparts, splits, seq_d, *sixteen,
-            n_sink, kvh, scale * 1.4426950408889634,
-            D=d, PART=part, G=g, ROWS=16, BLOCK16=16, INTERP=DEVICE == "cpu",
-        )  # fmt: skip
-        combine_splits(part_d, ml_d, out)
+    combine_with_16bit_kernel[(b * hq, d // 32)](
+        part_d, ml_d, out, nparts, q_d, q_d.stride(0), q_d.stride(1), seq_d, *sixteen,
+        n_sink, hq, g, scale * 1.4426950408889634,
+        D=d, PART=part, BLOCK_D=32, BLOCK_S=16, BLOCK16=16,
+    )  # fmt: skip
     for i in range(b):
         for h in range(kvh):
             rows = slice(h * g, (h + 1) * g)

@@ -12,7 +12,7 @@ from hack_kernels.triton import launch
 from hack_kernels.triton.attention_kernel import combine_splits_kernel
 from hack_kernels.triton.decode import decode_attention, warmup_decode
 from hack_kernels.triton.kivi_kernel import kivi_attn_kernel
-from hack_kernels.triton.open_partial import open_partial_kernel
+from hack_kernels.triton.merge_16bit import combine_with_16bit_kernel
 from hack_kernels.triton.paged_cache import PagedHackCache
 
 from .helpers import DEVICE
@@ -75,7 +75,7 @@ def test_warmup_decode_runs_and_leaves_the_cache_alone():
 
 def _compiled() -> int:
     """Compiled variants of the decode kernels on this device (Triton's per-device cache),
-    the Gluon one and its 16-bit partial included."""
+    the Gluon one and its merge included."""
     from hack_kernels.triton.kivi_gluon import kivi_gluon_decode_kernel
 
     dev = torch.cuda.current_device()
@@ -83,7 +83,7 @@ def _compiled() -> int:
         kivi_attn_kernel,
         combine_splits_kernel,
         kivi_gluon_decode_kernel,
-        open_partial_kernel,
+        combine_with_16bit_kernel,
     )
     return sum(len(k.device_caches[dev][0]) for k in kernels)
 
