@@ -125,3 +125,32 @@ def test_16bit_part_merged_matches_float64(n_sink, n_open):
             w = torch.exp2(m - m.amax(-1, keepdim=True)).nan_to_num(0.0)
             want = (acc * w[..., None]).sum(1) / (lsum * w).sum(1)[:, None]
             assert rel_written(out[i, rows, 0], want) <= 1e-3, (i, h)
+
+
+def test_gluon_launch_rejects_pages_not_contiguous_within_a_head():
+    # the kernel's offsets within a page and head are constants: a strided page array would be
+    # read wrongly, so the launcher refuses it, naming the array, before any kernel runs
+    from hack_kernels.triton.kivi_gluon_launch import run_kivi_gluon_decode
+    from hack_kernels.triton.kivi_pages import KiviPages
+
+    b, pages, h, p, d = 1, 2, 2, 64, 128
+    arrays = dict(
+        k_codes=torch.zeros(b, pages, h, p, d // 4, dtype=torch.uint8),
+        k_mins=torch.zeros(b, pages, h, d).half(),
+        k_scales=torch.zeros(b, pages, h, d).half(),
+        v_codes=torch.zeros(b, pages, h, d, p // 4, dtype=torch.uint8),
+        v_mins=torch.zeros(b, pages, h, p, 2).half(),
+        v_scales=torch.zeros(b, pages, h, p, 2).half(),
+        v_colsums=torch.zeros(b, pages, h, d, dtype=torch.uint8),
+    )
+    # V codes with their two inner axes swapped: same shape, strided rows
+    arrays["v_codes"] = torch.zeros(b, pages, h, p // 4, d, dtype=torch.uint8).transpose(-1, -2)
+    q = torch.zeros(b, 2 * h, 1, d).half()
+    empty = torch.zeros(b, h, 0, d).half()
+    sixteen = (empty, empty, empty.stride(0), empty.stride(1), empty.stride(2))
+    with pytest.raises(ValueError, match="v_codes"):
+        run_kivi_gluon_decode(
+            q, torch.empty_like(q), torch.ones(b, dtype=torch.int32),
+            torch.zeros(b, pages, dtype=torch.int32), KiviPages(**arrays), sixteen, sixteen,
+            kv_heads=h, n_sink=0, partition=p, bits=2, sm_scale=None, num_splits=1,
+        )  # fmt: skip
