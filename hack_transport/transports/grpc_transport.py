@@ -296,6 +296,9 @@ def _chunks(
 
 
 class GrpcSender(KVSender):
+    """Keeps one channel (one HTTP/2 connection) across transfers, on the event loop that made
+    it; close() ends it. A transfer that fails drops the channel: the next one connects afresh."""
+
     def __init__(
         self,
         host: str,
@@ -317,6 +320,24 @@ class GrpcSender(KVSender):
         self.whole = WHOLE_FRAME if whole_frames else 0  # 0: every frame in chunk_bytes chunks
         self.root_certificates = root_certificates
         self.tls_server_name = tls_server_name
+        self._ch: grpc.aio.Channel | None = None
+
+    async def close(self) -> None:
+        ch, self._ch = self._ch, None
+        if ch is not None:
+            await ch.close()
+
+    async def _ready_channel(self) -> grpc.aio.Channel:
+        """The sender's channel, kept across transfers: a fresh one pays HTTP/2's handshake and
+        grows its flow-control windows from 64 KiB again. Replaced when it is not READY."""
+        ch = self._ch
+        if ch is not None and ch.get_state() != grpc.ChannelConnectivity.READY:
+            await self.close()
+            ch = None
+        if ch is None:
+            where = f"grpc://{self.target}"
+            ch = self._ch = await connect_with_retry(self._connect, self.retry, where)
+        return ch
 
     def _channel(self) -> grpc.aio.Channel:
         opts = _options(max(self.chunk_bytes, self.whole) + (1 << 20))
@@ -347,52 +368,18 @@ class GrpcSender(KVSender):
         return channel
 
     async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
-        channel = await connect_with_retry(self._connect, self.retry, f"grpc://{self.target}")
-        async with channel:
-            # As the generated stub, but the chunks arrive serialized (encode_chunk).
-            transfer = channel.stream_unary(
-                f"/{SERVICE}/Transfer", response_deserializer=pb.TransferAck.FromString
-            )
-            n = max(1, min(self.streams, len(frames)))
-            cuts = [round(i * len(frames) / n) for i in range(n + 1)]
-            groups = [frames[cuts[i] : cuts[i + 1]] for i in range(n)]  # contiguous, in order
-            meta = ((TOKEN_HEADER, self.token),) if self.token else ()
-
-            link = self.link  # the sender's one link, shared by the streams
-
-            async def paced(chunks: Iterator[bytes]):
-                for c in chunks:
-                    await link.take(len(c))
-                    yield c
-
-            async def one(i: int) -> pb.TransferAck:
-                first = pb.TransferChunk(
-                    key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
-                )
-                chunks = _chunks(first, groups[i], self.chunk_bytes, self.whole)
-                call = transfer(paced(chunks) if link is not None else chunks, metadata=meta)
-                ack = await call
-                if ack.committed:
-                    for k, v in await call.trailing_metadata() or ():
-                        if k == TAIL_HEADER:
-                            try:
-                                tails.append(float(v))
-                            except ValueError:  # informational only
-                                pass
-                return ack
-
-            tails: list[float] = []
-
-            try:
-                acks = await asyncio.gather(*(one(i) for i in range(n)))
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise Unauthorized(
-                        f"receiver refused transfer {key!r}: {e.details()}"
-                    ) from None
-                raise TransferError(
-                    f"gRPC transfer {key!r} failed: {e.code().name} {e.details()}"
-                ) from None
+        try:
+            acks, tails = await self._attempt(await self._ready_channel(), key, frames)
+        except grpc.aio.AioRpcError as e:
+            await self.close()
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthorized(f"receiver refused transfer {key!r}: {e.details()}") from None
+            raise TransferError(
+                f"gRPC transfer {key!r} failed: {e.code().name} {e.details()}"
+            ) from None
+        except BaseException:  # timed out or cancelled mid-stream: start afresh next time
+            await self.close()
+            raise
         bad = [a for a in acks if not a.ok]
         if bad:
             # Every stream of a failed transfer reports it; only the one that carried the bad
@@ -402,3 +389,47 @@ class GrpcSender(KVSender):
         if sum(a.committed for a in acks) != 1:
             return {"ok": False, "error": "receiver did not commit the transfer"}
         return {"ok": True, **({"tail_s": tails[0]} if tails else {})}
+
+    async def _attempt(
+        self, channel: grpc.aio.Channel, key: str, frames: Sequence[list[Buffer]]
+    ) -> tuple[list[pb.TransferAck], list[float]]:
+        """One try over `channel`: the frames split over `streams` RPCs; their acks and the
+        receiver's tail (from the stream that committed)."""
+        # As the generated stub, but the chunks arrive serialized (encode_chunk).
+        transfer = channel.stream_unary(
+            f"/{SERVICE}/Transfer", response_deserializer=pb.TransferAck.FromString
+        )
+        n = max(1, min(self.streams, len(frames)))
+        cuts = [round(i * len(frames) / n) for i in range(n + 1)]
+        groups = [frames[cuts[i] : cuts[i + 1]] for i in range(n)]  # contiguous, in order
+        meta = ((TOKEN_HEADER, self.token),) if self.token else ()
+        link = self.link  # the sender's one link, shared by the streams
+        tails: list[float] = []
+
+        async def paced(chunks: Iterator[bytes]):
+            for c in chunks:
+                await link.take(len(c))
+                yield c
+
+        async def one(i: int) -> pb.TransferAck:
+            first = pb.TransferChunk(
+                key=key, stream_index=i, num_streams=n, num_frames=len(groups[i])
+            )
+            chunks = _chunks(first, groups[i], self.chunk_bytes, self.whole)
+            call = transfer(paced(chunks) if link is not None else chunks, metadata=meta)
+            ack = await call
+            if ack.committed:
+                for k, v in await call.trailing_metadata() or ():
+                    if k == TAIL_HEADER:
+                        try:
+                            tails.append(float(v))
+                        except ValueError:  # informational only
+                            pass
+            return ack
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+        try:
+            return list(await asyncio.gather(*tasks)), tails
+        finally:  # one stream failed: the others are cancelled, not left on the kept channel
+            for t in tasks:
+                t.cancel()
