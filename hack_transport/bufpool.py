@@ -6,6 +6,10 @@ keeps; this pool does the same for frame payloads: a buffer goes back to the poo
 nothing references it any more, so a block handed to a commit callback stays valid for as long
 as anyone holds one of its tensors, and a buffer is never handed out twice at once.
 
+On a machine with CUDA the pooled buffers are page-locked (pinned) host memory by default: a
+decode server moves the received KV to its GPU with one asynchronous DMA per tensor instead of
+a driver-staged synchronous copy (benchmarks/device_pinned.py measures both).
+
 How a release is noticed: each acquire() exports the pooled mapping through a fresh ctypes array
 (which supports weak references); every view of the returned memoryview, every tensor made from
 it with torch.frombuffer and every slice of those keeps that array alive, and a
@@ -18,6 +22,8 @@ import ctypes
 import mmap
 import threading
 import weakref
+
+import torch
 
 from . import wire
 
@@ -32,20 +38,32 @@ def _capacity(n: int) -> int:
     return max(GRAIN, -(-n // step) * step)
 
 
+def pinned_host_bytes(n: int) -> torch.Tensor:
+    """n bytes of page-locked host memory (torch's caching host allocator), uninitialised."""
+    return torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+
 class PayloadPool:
     """acquire(n) -> a writable memoryview of exactly n bytes whose content is undefined (the
-    caller overwrites every byte). Released mappings are kept up to `max_idle_bytes`."""
+    caller overwrites every byte). Released buffers are kept up to `max_idle_bytes`.
 
-    def __init__(self, max_idle_bytes: int = DEFAULT_IDLE_BYTES):
+    pinned: page-locked buffers (every size); None = when CUDA is available. Pinned buffers come
+    from torch's caching host allocator, which keeps them for reuse after the pool drops them."""
+
+    def __init__(self, max_idle_bytes: int = DEFAULT_IDLE_BYTES, pinned: bool | None = None):
+        cuda = torch.cuda.is_available()
+        if pinned and not cuda:
+            raise ValueError("pinned receive buffers need CUDA, which this machine does not have")
+        self.pinned = cuda if pinned is None else pinned
         self.max_idle_bytes = max_idle_bytes
         self.idle_bytes = 0
-        self.mapped = 0  # mappings created (what a reused buffer saves)
+        self.mapped = 0  # buffers created (what a reused buffer saves)
         self.reused = 0
-        self._free: dict[int, list[mmap.mmap]] = {}
+        self._free: dict[int, list] = {}
         self._lock = threading.Lock()  # a release runs wherever the last reference dies
 
     def acquire(self, n: int) -> memoryview:
-        if n < GRAIN or self.max_idle_bytes <= 0:
+        if (n < GRAIN or self.max_idle_bytes <= 0) and not self.pinned:
             return wire.alloc_payload(n)
         cap = _capacity(n)
         with self._lock:
@@ -55,15 +73,15 @@ class PayloadPool:
                 self.idle_bytes -= cap
                 self.reused += 1
         if m is None:
-            m = wire.alloc_payload(cap).obj
-            if not isinstance(m, mmap.mmap):  # no MAP_POPULATE here: nothing to save
+            m = pinned_host_bytes(cap) if self.pinned else wire.alloc_payload(cap).obj
+            if not isinstance(m, (mmap.mmap, torch.Tensor)):  # no MAP_POPULATE: nothing to keep
                 return memoryview(m)[:n]
             self.mapped += 1
-        export = (ctypes.c_char * n).from_buffer(m)
+        export = (ctypes.c_char * n).from_buffer(m.numpy() if self.pinned else m)
         weakref.finalize(export, self._release, cap, m)
         return memoryview(export).cast("B")
 
-    def _release(self, cap: int, m: mmap.mmap) -> None:
+    def _release(self, cap: int, m: mmap.mmap | torch.Tensor) -> None:
         with self._lock:
             if self.idle_bytes + cap <= self.max_idle_bytes:
                 self._free.setdefault(cap, []).append(m)

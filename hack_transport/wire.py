@@ -217,6 +217,16 @@ class Block:
             )
         return out
 
+    def to_device(self, device: torch.device | str) -> Block:
+        """The block with its tensors on `device` (a received block to the decode GPU). The
+        copies are issued together and waited for once: from a receiver's pinned buffers each is
+        an asynchronous DMA, and the buffer may go back to its pool once this block is dropped."""
+        device = torch.device(device)
+        moved = {n: t.to(device, non_blocking=True) for n, t in self.tensors.items()}
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return dataclasses.replace(self, tensors=moved)
+
     def raw_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config is not None:
             raise ValueError("a hack block holds quantized KV; use layer_kv()")
@@ -510,6 +520,26 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy())
 
 
+def host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with GPU ones replaced by host copies: all of them in one page-locked buffer,
+    copied by asynchronous DMAs and waited for once, instead of a synchronous, driver-staged
+    copy each (benchmarks/device_pinned.py). CPU tensors are returned as they are."""
+    gpu = {n: t.contiguous() for n, t in tensors.items() if t.device.type != "cpu"}
+    if not gpu:
+        return tensors
+    sizes = {n: t.numel() * t.element_size() for n, t in gpu.items()}
+    total = sum(n + _pad(n) for n in sizes.values())
+    staging = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    out, at = dict(tensors), 0
+    for name, t in gpu.items():
+        dst = staging[at : at + sizes[name]].view(t.dtype).view(t.shape)
+        dst.copy_(t, non_blocking=True)
+        out[name], at = dst, at + sizes[name] + _pad(sizes[name])
+    for dev in {t.device for t in gpu.values()}:
+        torch.cuda.current_stream(dev).synchronize()
+    return out
+
+
 def _pad(n: int) -> int:
     return -n % ALIGN
 
@@ -530,16 +560,18 @@ def encode_block(block: Block, *, extra: dict | None = None) -> list[memoryview 
         raise ValueError(
             f"block tensors {sorted(block.tensors)} differ from the codec's {sorted(expected)}"
         )
-    directory = []
-    buffers: list[memoryview | bytes] = []
-    offset = 0
     for name, (dt, shape) in expected.items():
         t = block.tensors[name]
         if t.dtype != dt or tuple(t.shape) != shape:
             raise ValueError(
                 f"{name}: got {t.dtype} {tuple(t.shape)}, the codec needs {dt} {shape}"
             )
-        mv = _bytes_view(t)
+    host = host_tensors(block.tensors)
+    directory = []
+    buffers: list[memoryview | bytes] = []
+    offset = 0
+    for name, (dt, shape) in expected.items():
+        mv = _bytes_view(host[name])
         directory.append(
             [name, _DTYPE_NAMES[dt], list(shape), offset, mv.nbytes, block.checksum(name, mv)]
         )

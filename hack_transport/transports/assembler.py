@@ -17,7 +17,8 @@ class FrameAssembler:
     A payload that lies wholly inside one fed chunk, starts at an address aligned for every
     tensor (wire.ALIGN) and fills at least half the chunk is kept as a view of that chunk
     instead of being copied into a buffer of its own: a received message then lives as long
-    as the block (at most twice the payload's bytes). Otherwise the bytes are copied.
+    as the block (at most twice the payload's bytes). Otherwise the bytes are copied, and always
+    with keep_views=False (a receiver whose buffers are pinned for the GPU copies into those).
     """
 
     def __init__(
@@ -26,11 +27,13 @@ class FrameAssembler:
         expect_model: wire.ModelIdentity | None,
         on_alloc: Callable[[int], None] = lambda n: None,
         alloc: Callable[[int], memoryview] = wire.alloc_payload,
+        keep_views: bool = True,
     ):
         self.limits = limits
         self.expect_model = expect_model
         self.on_alloc = on_alloc
         self.alloc = alloc  # a payload buffer of n bytes; every byte is overwritten by the stream
+        self.keep_views = keep_views
         self.blocks: list[wire.Block] = []
         self.held = 0
         self._small = bytearray()  # prefix or header being gathered
@@ -62,7 +65,8 @@ class FrameAssembler:
                         continue
                     at = None if address is None else address + len(data) - len(mv)
                     if (
-                        at is not None
+                        self.keep_views
+                        and at is not None
                         and not at % wire.ALIGN
                         and n <= len(mv)
                         and 2 * n >= len(data)

@@ -188,7 +188,13 @@ class GrpcReceiver(KVReceiver):
                             ok=False,
                             error=f"stream {idx}/{n_streams} conflicts with the transfer in progress",
                         )
-                    asm = FrameAssembler(self.limits, self.expect_model, alloc, self.pool.acquire)
+                    asm = FrameAssembler(
+                        self.limits,
+                        self.expect_model,
+                        alloc,
+                        self.pool.acquire,
+                        keep_views=not self.pool.pinned,  # pinned buffers: copy into those
+                    )
                     expected_frames = chunk.num_frames
                 last_byte = time.perf_counter()  # before this chunk's checks
                 asm.feed(chunk.data, chunk.data_address)
