@@ -281,7 +281,8 @@ def test_grpc_tls_with_token(request_kv, tmp_path):
 
 
 def _peer(*args):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}  # keep the caller's packages (a --target install)
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests/transport/peer.py"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
