@@ -442,7 +442,8 @@ def run_benchmark(
                     # One transport's receiver at a time: idle UCX/NIXL receivers poll and
                     # would take CPU from the others on this 2-core machine.
                     if kind != srv_kind:
-                        if srv is not None:
+                        if srv is not None:  # the previous transport's sender and receiver go:
+                            close_senders()  # a kept gRPC channel would retry its dead peer
                             srv.close()
                         srv, srv_kind = ReceiverProcess(kind), kind
                         send_once(kind, srv.port, _tiny_frames(), None)  # warm-up
