@@ -303,7 +303,8 @@ def _chunks(
 
 class GrpcSender(KVSender):
     """Keeps one channel (one HTTP/2 connection) across transfers, on the event loop that made
-    it; close() ends it. A transfer that fails drops the channel: the next one connects afresh."""
+    it, shared by concurrent transfers; close() ends it. A transfer that fails cancels only its
+    own streams; a channel whose connection broke is replaced before the next transfer."""
 
     def __init__(
         self,
@@ -327,23 +328,28 @@ class GrpcSender(KVSender):
         self.root_certificates = root_certificates
         self.tls_server_name = tls_server_name
         self._ch: grpc.aio.Channel | None = None
+        self._lock: asyncio.Lock | None = None
 
     async def close(self) -> None:
-        ch, self._ch = self._ch, None
+        ch, self._ch, self._lock = self._ch, None, None
         if ch is not None:
             await ch.close()
 
     async def _ready_channel(self) -> grpc.aio.Channel:
         """The sender's channel, kept across transfers: a fresh one pays HTTP/2's handshake and
-        grows its flow-control windows from 64 KiB again. Replaced when it is not READY."""
-        ch = self._ch
-        if ch is not None and ch.get_state() != grpc.ChannelConnectivity.READY:
-            await self.close()
-            ch = None
-        if ch is None:
-            where = f"grpc://{self.target}"
-            ch = self._ch = await connect_with_retry(self._connect, self.retry, where)
-        return ch
+        grows its flow-control windows from 64 KiB again. Concurrent transfers share it; one
+        that is no longer READY (its peer went away) is replaced, once."""
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            ch = self._ch
+            if ch is not None and ch.get_state() != grpc.ChannelConnectivity.READY:
+                self._ch = None
+                await ch.close()  # transfers still on it have failed with its connection
+                ch = None
+            if ch is None:
+                where = f"grpc://{self.target}"
+                ch = self._ch = await connect_with_retry(self._connect, self.retry, where)
+            return ch
 
     def _channel(self) -> grpc.aio.Channel:
         opts = _options(max(self.chunk_bytes, self.whole) + (1 << 20))
@@ -376,16 +382,12 @@ class GrpcSender(KVSender):
     async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
         try:
             acks, tails = await self._attempt(await self._ready_channel(), key, frames)
-        except grpc.aio.AioRpcError as e:
-            await self.close()
+        except grpc.aio.AioRpcError as e:  # a broken connection leaves the channel not READY
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthorized(f"receiver refused transfer {key!r}: {e.details()}") from None
             raise TransferError(
                 f"gRPC transfer {key!r} failed: {e.code().name} {e.details()}"
             ) from None
-        except BaseException:  # timed out or cancelled mid-stream: start afresh next time
-            await self.close()
-            raise
         bad = [a for a in acks if not a.ok]
         if bad:
             # Every stream of a failed transfer reports it; only the one that carried the bad
