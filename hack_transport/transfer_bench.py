@@ -220,8 +220,8 @@ def build_payloads(
                 first = functools.partial(
                     _first, _per_layer_raw, ks[:1], vs[:1], block_tokens, model
                 )
-            else:
-                split = functools.partial(wire.split_raw, ks, vs, block_tokens, model)
+            else:  # lazily: the first frame waits for its own block's gather only
+                split = functools.partial(wire.split_raw_lazy, ks, vs, block_tokens, model)
                 first = functools.partial(_first, split)
         else:
             # Quantization is the prefill's job, not the wire's: done once, outside the timing.
@@ -235,7 +235,7 @@ def build_payloads(
                 # A layer-wise sender builds layer 0's block as soon as that layer is done.
                 first = functools.partial(_first, wire.split_kv, kvs[:1], block_tokens, model)
             else:
-                split = functools.partial(wire.split_kv, kvs, block_tokens, model)
+                split = functools.partial(wire.split_kv_lazy, kvs, block_tokens, model)
                 first = functools.partial(_first, split)
         frames, enc_s = _cpu_time(functools.partial(_encode, split), repeat)
         _, head_s = _cpu_time(functools.partial(_encode_one, first), repeat)

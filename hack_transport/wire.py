@@ -17,7 +17,7 @@ import math
 import mmap
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -321,11 +321,12 @@ def _slice_tokens(qt: QuantizedTensor, token_axis: int, start: int, stop: int) -
     if token_axis == qt.dim:  # tokens are the quantized axis: slice whole groups
         p = qt.partition
         g0, g1 = start // p, layout.num_groups(stop, p)
+        codes = qt.codes
         return {
-            "codes": qt.codes[..., g0:g1, :],
-            "mins": qt.mins[..., g0:g1],
-            "scales": qt.scales[..., g0:g1],
-            "sums": qt.sums[..., g0:g1],
+            "codes": codes.narrow(codes.dim() - 2, g0, g1 - g0),
+            "mins": qt.mins.narrow(-1, g0, g1 - g0),
+            "scales": qt.scales.narrow(-1, g0, g1 - g0),
+            "sums": qt.sums.narrow(-1, g0, g1 - g0),
         }
     ax = token_axis if token_axis < qt.dim else token_axis - 1
     return {p: getattr(qt, p).narrow(ax, start, stop - start) for p in QUANT_PARTS}
@@ -337,6 +338,30 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
     if len(ts) == 1:
         return ts[0].unsqueeze(0).contiguous()
     return torch.stack(ts)
+
+
+class LazyBlocks(Sequence):
+    """A request's blocks, each built (its token range of every layer gathered into the block's
+    stacked tensors) when first asked for, then kept: a sender's first frame waits for one
+    block's gather instead of the whole request's (split_kv_lazy, split_raw_lazy). Slices are
+    lazy too and share the built blocks."""
+
+    def __init__(self, n: int, build: Callable[[int], Block], _built: dict | None = None,
+                 _index: range | None = None):  # fmt: skip
+        self._build, self._built = build, {} if _built is None else _built
+        self._index = range(n) if _index is None else _index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 (int or slice, as Sequence)
+        if isinstance(i, slice):
+            return LazyBlocks(0, self._build, self._built, self._index[i])
+        j = self._index[i]
+        block = self._built.get(j)
+        if block is None:
+            block = self._built[j] = self._build(j)
+        return block
 
 
 def split_kv(
@@ -354,6 +379,21 @@ def split_kv(
     LMCache's 256-token chunks when it is a multiple of those). Block boundaries are at
     sink_tokens + k * block_tokens; the first block also carries the sinks, the last the open group.
     """
+    return list(
+        split_kv_lazy(kvs, block_tokens, model, layer_start=layer_start, heads=heads, tp=tp)
+    )
+
+
+def split_kv_lazy(
+    kvs: Sequence[QuantizedKV],
+    block_tokens: int,
+    model: ModelIdentity,
+    *,
+    layer_start: int = 0,
+    heads: tuple[int, int] | None = None,
+    tp: tuple[int, int] = (0, 1),
+) -> LazyBlocks:
+    """split_kv's blocks, each built when first asked for (the arguments are checked now)."""
     if not kvs:
         raise ValueError("split_kv needs at least one layer")
     first = kvs[0]
@@ -388,8 +428,11 @@ def split_kv(
     geo = _closed_geometry(cfg, first.k_open.dtype)
     n_sink, n_closed = first.num_sink, first.num_closed
     cuts = list(range(0, n_closed, block_tokens)) or [0]
-    blocks = []
-    for j, c0 in enumerate(cuts):
+    kvs = list(kvs)
+    all_heads = (h0, h1) == (0, first.kv_heads)
+
+    def build(j: int) -> Block:
+        c0 = cuts[j]
         c1 = min(c0 + block_tokens, n_closed)
         is_first, is_last = j == 0, j == len(cuts) - 1
         sink = n_sink if is_first else 0
@@ -397,34 +440,32 @@ def split_kv(
         t0 = 0 if is_first else n_sink + c0
         t1 = n_sink + c1 + open_
         tensors: dict[str, list[torch.Tensor]] = {}
-        for kv in kvs:
-            per = {
-                "k_sink": kv.k_sink[:, h0:h1, :sink],
-                "v_sink": kv.v_sink[:, h0:h1, :sink],
-            }
+        for kv in kvs:  # views only (narrow is the cheapest view): one copy, when stacked
+            per = {"k_sink": kv.k_sink.narrow(2, 0, sink), "v_sink": kv.v_sink.narrow(2, 0, sink)}
             for side, qt in (("k", kv.k_q), ("v", kv.v_q)):
                 for p, t in _slice_tokens(qt, geo.axes[side][0], c0, c1).items():
-                    per[f"{side}.{p}"] = t.narrow(1, h0, h1 - h0)
-            per["k_open"] = kv.k_open[:, h0:h1, :open_]
-            per["v_open"] = kv.v_open[:, h0:h1, :open_]
+                    per[f"{side}.{p}"] = t
+            per["k_open"] = kv.k_open.narrow(2, 0, open_)
+            per["v_open"] = kv.v_open.narrow(2, 0, open_)
             for name, t in per.items():
+                if not all_heads:
+                    t = t.narrow(1, h0, h1 - h0)
                 tensors.setdefault(name, []).append(t)
-        blocks.append(
-            Block(
-                model=model,
-                config=cfg,
-                dtype=first.k_open.dtype,
-                batch=first.batch,
-                head_dim=first.head_dim,
-                layers=(layer_start, layer_start + len(kvs)),
-                tokens=(t0, t1),
-                heads=(h0, h1),
-                sections=(sink, c1 - c0, open_),
-                tensors={n: _stack(ts) for n, ts in tensors.items()},
-                tp=tp,
-            )
+        return Block(
+            model=model,
+            config=cfg,
+            dtype=first.k_open.dtype,
+            batch=first.batch,
+            head_dim=first.head_dim,
+            layers=(layer_start, layer_start + len(kvs)),
+            tokens=(t0, t1),
+            heads=(h0, h1),
+            sections=(sink, c1 - c0, open_),
+            tensors={n: _stack(ts) for n, ts in tensors.items()},
+            tp=tp,
         )
-    return blocks
+
+    return LazyBlocks(len(cuts), build)
 
 
 def split_raw(
@@ -437,31 +478,63 @@ def split_raw(
     tp: tuple[int, int] = (0, 1),
 ) -> list[Block]:
     """The 16-bit baseline: per-layer K and V [B, H, T, D] in blocks of `block_tokens` tokens."""
-    k, v = _stack(list(ks)), _stack(list(vs))
-    if k.shape != v.shape or k.dim() != 5 or k.dtype not in (torch.float16, torch.bfloat16):
+    return list(split_raw_lazy(ks, vs, block_tokens, model, layer_start=layer_start, tp=tp))
+
+
+def split_raw_lazy(
+    ks: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    block_tokens: int,
+    model: ModelIdentity,
+    *,
+    layer_start: int = 0,
+    tp: tuple[int, int] = (0, 1),
+) -> LazyBlocks:
+    """split_raw's blocks, each built when first asked for (the arguments are checked now)."""
+    ks, vs = list(ks), list(vs)
+    k0 = ks[0] if ks else torch.empty(0)
+    same = all(t.shape == k0.shape and t.dtype == k0.dtype for t in (*ks, *vs))
+    if (
+        not ks
+        or len(ks) != len(vs)
+        or not same
+        or k0.dim() != 4
+        or k0.dtype
+        not in (
+            torch.float16,
+            torch.bfloat16,
+        )
+    ):
+        shapes = sorted({(tuple(t.shape), str(t.dtype)) for t in (*ks, *vs)})
         raise ValueError(
-            f"raw16 needs equal 16-bit K and V of [B, H, T, D], got {tuple(k.shape)} {k.dtype}"
+            f"raw16 needs equal 16-bit K and V of [B, H, T, D] for every layer, got {shapes}"
         )
-    n = k.shape[3]
-    blocks = []
-    for t0 in range(0, n, block_tokens):
+    if block_tokens <= 0:
+        raise ValueError(f"block_tokens {block_tokens} is not positive")
+    n = k0.shape[2]
+    starts = list(range(0, n, block_tokens))
+
+    def build(j: int) -> Block:
+        t0 = starts[j]
         t1 = min(t0 + block_tokens, n)
-        blocks.append(
-            Block(
-                model=model,
-                config=None,
-                dtype=k.dtype,
-                batch=k.shape[1],
-                head_dim=k.shape[4],
-                layers=(layer_start, layer_start + k.shape[0]),
-                tokens=(t0, t1),
-                heads=(0, k.shape[2]),
-                sections=(0, t1 - t0, 0),
-                tensors={"k": k[:, :, :, t0:t1].contiguous(), "v": v[:, :, :, t0:t1].contiguous()},
-                tp=tp,
-            )
+        return Block(
+            model=model,
+            config=None,
+            dtype=k0.dtype,
+            batch=k0.shape[0],
+            head_dim=k0.shape[3],
+            layers=(layer_start, layer_start + len(ks)),
+            tokens=(t0, t1),
+            heads=(0, k0.shape[1]),
+            sections=(0, t1 - t0, 0),
+            tensors={
+                "k": _stack([k[:, :, t0:t1] for k in ks]),
+                "v": _stack([v[:, :, t0:t1] for v in vs]),
+            },
+            tp=tp,
         )
-    return blocks
+
+    return LazyBlocks(len(starts), build)
 
 
 def join_blocks(blocks: Sequence[Block]) -> list[QuantizedKV]:

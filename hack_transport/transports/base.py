@@ -111,7 +111,9 @@ class LazyFrames(Sequence):
     encoded so far (all of them once the transfer is sent)."""
 
     def __init__(self, items: Sequence[FrameLike], _cache: dict | None = None, _base: int = 0):
-        self._items, self._cache, self._base = list(items), {} if _cache is None else _cache, _base
+        # Lazily built blocks stay lazy (frame i's block is gathered when frame i goes out).
+        self._items = items if isinstance(items, wire.LazyBlocks) else list(items)
+        self._cache, self._base = {} if _cache is None else _cache, _base
 
     def __len__(self) -> int:
         return len(self._items)
