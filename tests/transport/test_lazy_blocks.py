@@ -11,7 +11,7 @@ import torch
 
 from hack_kernels import HackConfig
 from hack_transport import wire
-from hack_transport.transports import make_receiver, make_sender
+from hack_transport.transports import available_kinds, make_receiver, make_sender
 from hack_transport.transports.base import LazyFrames
 
 from .test_wire import _kvs, _model
@@ -67,7 +67,8 @@ def test_raw_split_names_mismatched_layers():
         wire.split_raw(ks, [k.float() for k in ks], 4, model)
 
 
-def test_lazy_frames_keep_lazy_blocks_lazy_and_a_transfer_builds_them_all():
+@pytest.mark.parametrize("kind", [k for k in available_kinds() if k != "nixl"])
+def test_lazy_frames_keep_lazy_blocks_lazy_and_a_transfer_builds_them_all(kind):
     kvs = _kvs(2, 1, 2, 64 * 6 + 5, 64, HackConfig(partition=64), seed=9)
     model = _model(kvs)
     lazy = wire.split_kv_lazy(kvs, 64, model)
@@ -77,10 +78,10 @@ def test_lazy_frames_keep_lazy_blocks_lazy_and_a_transfer_builds_them_all():
     assert list(lazy._built) == [3]
 
     async def go():
-        rcv = make_receiver("tcp", expect_model=model)
+        rcv = make_receiver(kind, expect_model=model)
         _, port = await rcv.start()
         try:
-            s = make_sender("tcp", "127.0.0.1", port, timeout=20)
+            s = make_sender(kind, "127.0.0.1", port, timeout=20)
             await s.send("lazy", lazy)
             await s.close()
         finally:
