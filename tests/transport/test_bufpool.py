@@ -43,7 +43,7 @@ def test_capacity_covers_the_request_with_bounded_waste():
 
 
 def test_a_referenced_buffer_is_never_handed_out_again():
-    pool = PayloadPool()
+    pool = PayloadPool(pinned=False)
     n = 300_001
     a = pool.acquire(n)
     a[:] = random.Random(5).randbytes(n)
@@ -64,7 +64,10 @@ def test_a_referenced_buffer_is_never_handed_out_again():
 
 
 def test_small_requests_and_a_disabled_pool_map_fresh_zeroed_memory():
-    for pool, n in ((PayloadPool(), GRAIN - 1), (PayloadPool(max_idle_bytes=0), 1 << 20)):
+    for pool, n in (
+        (PayloadPool(pinned=False), GRAIN - 1),
+        (PayloadPool(max_idle_bytes=0, pinned=False), 1 << 20),
+    ):
         for _ in range(2):
             buf = pool.acquire(n)
             assert len(buf) == n and not any(bytes(buf))
@@ -75,7 +78,7 @@ def test_small_requests_and_a_disabled_pool_map_fresh_zeroed_memory():
 
 
 def test_idle_memory_stays_under_the_bound():
-    pool = PayloadPool(max_idle_bytes=1 << 20)
+    pool = PayloadPool(max_idle_bytes=1 << 20, pinned=False)
     bufs = [pool.acquire(512 << 10) for _ in range(4)]
     assert pool.mapped == 4
     del bufs

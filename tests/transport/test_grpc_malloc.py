@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .procenv import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +46,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 def _faults(tune: bool, **env: str) -> int:
     run_env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    run_env |= {"PYTHONPATH": str(REPO), **env}
+    run_env = child_env(run_env, **env)
     out = subprocess.run(
         [sys.executable, "-c", CHILD, "1" if tune else "0"],
         capture_output=True, text=True, env=run_env, timeout=100, check=True,
@@ -87,7 +89,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 def _held_faults(setting: str) -> int:
     run_env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    run_env["PYTHONPATH"] = str(REPO)
+    run_env = child_env(run_env)
     out = subprocess.run(
         [sys.executable, "-c", HELD, setting],
         capture_output=True, text=True, env=run_env, timeout=100, check=True,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hack_transport import wire
+from hack_transport.bufpool import PayloadPool
 from hack_transport.proto import hack_kv_pb2 as pb
 from hack_transport.transports import make_receiver, make_sender
 from hack_transport.transports.assembler import FrameAssembler
@@ -143,7 +144,8 @@ def test_grpc_keeps_whole_frame_messages_and_copies_chunked_ones(big, whole):
     kvs, model, blocks = big
 
     async def go():
-        rcv = make_receiver("grpc", expect_model=model)
+        # pageable buffers (a CUDA machine would pin them and copy: test_pinned_cuda.py)
+        rcv = make_receiver("grpc", expect_model=model, pool=PayloadPool(pinned=False))
         _, port = await rcv.start()
         try:
             s = make_sender("grpc", "127.0.0.1", port, timeout=20, whole_frames=whole)

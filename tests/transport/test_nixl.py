@@ -3,7 +3,6 @@ tests) abort when both are in one process, so the NIXL cases of test_transports.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,13 +12,15 @@ import pytest
 
 from hack_transport.transports import available_kinds
 
+from .procenv import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif("nixl" not in available_kinds(), reason="nixl is not installed")
 def test_nixl_transport_cases():
-    env = {**os.environ, "HACK_KV_TEST_NIXL": "1", "PYTHONPATH": str(REPO)}
+    env = child_env(HACK_KV_TEST_NIXL="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(REPO / "tests/transport/test_transports.py"), "-k", "nixl"],

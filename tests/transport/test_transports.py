@@ -17,6 +17,8 @@ from hack_transport import wire
 from hack_transport.transports import available_kinds, make_receiver, make_sender
 from hack_transport.transports.base import RetryPolicy, TransferError, TransferLimits, Unauthorized
 
+from .procenv import child_env
+
 pytestmark = pytest.mark.timeout(60)
 # NIXL cannot share a process with grpc_tools (protoc), which other tests load: its cases run in
 # a child pytest process (test_nixl.py) that sets HACK_KV_TEST_NIXL=1 and runs only them.
@@ -281,8 +283,7 @@ def test_grpc_tls_with_token(request_kv, tmp_path):
 
 
 def _peer(*args):
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path}  # keep the caller's packages (a --target install)
+    env = child_env()
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests/transport/peer.py"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

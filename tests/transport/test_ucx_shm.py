@@ -19,12 +19,15 @@ from hack_transport import wire
 from hack_transport.transports import available_kinds, make_sender
 from hack_transport.transports.base import TransferError
 
+from .procenv import child_env
+
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests/transport"))
 from kvgen import layered  # noqa: E402
 from peer import frames as raw_frames  # noqa: E402
-from test_transports import _flip  # noqa: E402
+
+from .test_transports import _flip  # noqa: E402
 
 SHM = {"sysv/memory", "posix/memory"}
 
@@ -77,7 +80,7 @@ def test_ucx_across_processes(mm_error_handling):
     raw = raw_frames(4)  # 4 MiB tensors: rendezvous in larger messages
     bad = [wire.encode_block(b) for b in blocks]
     bad[1] = _flip(bad[1], "v.scales")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "UCX_PROTO_INFO": "used"}
+    env = child_env(UCX_PROTO_INFO="used")
     env.pop("UCX_MM_ERROR_HANDLING", None)  # set by ucx.py in this process
     if mm_error_handling is not None:
         env["UCX_MM_ERROR_HANDLING"] = mm_error_handling
@@ -128,7 +131,7 @@ def test_setting_stays_out_of_the_environment():
         "print(os.environ.get('UCX_MM_ERROR_HANDLING'), c._ctx is not None)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-c", code], env=child_env(env),
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert out.stdout.split()[-2:] == ["None", "True"], out.stdout
