@@ -19,6 +19,7 @@ weakref.finalize on it returns the mapping to the pool when the last of them is 
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import threading
 import weakref
@@ -29,6 +30,7 @@ from . import wire
 
 GRAIN = 1 << 16  # capacities are multiples of this (a frame may reuse a slightly larger one)
 DEFAULT_IDLE_BYTES = 1 << 30
+log = logging.getLogger(__name__)
 
 
 def _capacity(n: int) -> int:
@@ -47,14 +49,17 @@ class PayloadPool:
     """acquire(n) -> a writable memoryview of exactly n bytes whose content is undefined (the
     caller overwrites every byte). Released buffers are kept up to `max_idle_bytes`.
 
-    pinned: page-locked buffers (every size); None = when CUDA is available. Pinned buffers come
-    from torch's caching host allocator, which keeps them for reuse after the pool drops them."""
+    pinned: page-locked buffers (every size); None = when CUDA is available, falling back to
+    pageable memory (with a warning) if pinning then fails, e.g. in a process forked after CUDA
+    started. Pinned buffers come from torch's caching host allocator, which keeps them for reuse
+    after the pool drops them."""
 
     def __init__(self, max_idle_bytes: int = DEFAULT_IDLE_BYTES, pinned: bool | None = None):
         cuda = torch.cuda.is_available()
         if pinned and not cuda:
             raise ValueError("pinned receive buffers need CUDA, which this machine does not have")
         self.pinned = cuda if pinned is None else pinned
+        self._auto = pinned is None
         self.max_idle_bytes = max_idle_bytes
         self.idle_bytes = 0
         self.mapped = 0  # buffers created (what a reused buffer saves)
@@ -73,13 +78,24 @@ class PayloadPool:
                 self.idle_bytes -= cap
                 self.reused += 1
         if m is None:
-            m = pinned_host_bytes(cap) if self.pinned else wire.alloc_payload(cap).obj
+            m = self._fresh(cap)
             if not isinstance(m, (mmap.mmap, torch.Tensor)):  # no MAP_POPULATE: nothing to keep
                 return memoryview(m)[:n]
             self.mapped += 1
-        export = (ctypes.c_char * n).from_buffer(m.numpy() if self.pinned else m)
+        export = (ctypes.c_char * n).from_buffer(m.numpy() if isinstance(m, torch.Tensor) else m)
         weakref.finalize(export, self._release, cap, m)
         return memoryview(export).cast("B")
+
+    def _fresh(self, cap: int) -> mmap.mmap | torch.Tensor | bytearray:
+        if self.pinned:
+            try:
+                return pinned_host_bytes(cap)
+            except RuntimeError as e:  # CUDA unusable in this process after all
+                if not self._auto:
+                    raise
+                log.warning("pinned receive buffers unavailable, using pageable memory: %s", e)
+                self.pinned = False
+        return wire.alloc_payload(cap).obj
 
     def _release(self, cap: int, m: mmap.mmap | torch.Tensor) -> None:
         with self._lock:

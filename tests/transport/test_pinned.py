@@ -60,3 +60,23 @@ def test_to_device_on_the_cpu_keeps_every_tensor(one_layer):
     moved = blocks[0].to_device("cpu")
     assert moved.tensors.keys() == blocks[0].tensors.keys()
     assert all(torch.equal(moved.tensors[n], t) for n, t in blocks[0].tensors.items())
+
+
+def test_an_automatic_pool_falls_back_to_pageable_memory_when_pinning_fails(monkeypatch, caplog):
+    """No GPU here: a CUDA machine whose pinning fails (a process forked after CUDA started) is
+    faked by switching an automatic pool to pinned and making the pinned allocation raise."""
+    import hack_transport.bufpool as bp
+
+    def no_pinning(n: int):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+    monkeypatch.setattr(bp, "pinned_host_bytes", no_pinning)
+    auto = PayloadPool()
+    auto.pinned = True  # as on a CUDA machine
+    buf = auto.acquire(3 << 20)
+    assert len(buf) == 3 << 20 and not auto.pinned and "pageable" in caplog.text
+    buf[:] = b"\x05" * len(buf)  # writable, ordinary memory
+    explicit = PayloadPool()
+    explicit.pinned, explicit._auto = True, False  # as PayloadPool(pinned=True) on a CUDA machine
+    with pytest.raises(RuntimeError, match="forked"):
+        explicit.acquire(3 << 20)
