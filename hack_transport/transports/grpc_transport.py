@@ -381,7 +381,7 @@ class GrpcSender(KVSender):
 
     async def _send(self, key: str, frames: list[list[Buffer]]) -> dict:
         try:
-            acks, tails = await self._attempt(await self._ready_channel(), key, frames)
+            acks, tails = await self._over(await self._ready_channel(), key, frames)
         except grpc.aio.AioRpcError as e:  # a broken connection leaves the channel not READY
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise Unauthorized(f"receiver refused transfer {key!r}: {e.details()}") from None
@@ -398,10 +398,10 @@ class GrpcSender(KVSender):
             return {"ok": False, "error": "receiver did not commit the transfer"}
         return {"ok": True, **({"tail_s": tails[0]} if tails else {})}
 
-    async def _attempt(
+    async def _over(
         self, channel: grpc.aio.Channel, key: str, frames: Sequence[list[Buffer]]
     ) -> tuple[list[pb.TransferAck], list[float]]:
-        """One try over `channel`: the frames split over `streams` RPCs; their acks and the
+        """The transfer over `channel`: the frames split over `streams` RPCs; their acks and the
         receiver's tail (from the stream that committed)."""
         # As the generated stub, but the chunks arrive serialized (encode_chunk).
         transfer = channel.stream_unary(
